@@ -1,0 +1,66 @@
+"""Tiny CLIP ViT image encoders, task vectors with realistic structure, and checkpoints on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from merging.architecture import VisionArch
+from merging.layouts import to_hf, to_open_clip
+from merging.parameters import is_matrix
+
+TINY = VisionArch(width=32, layers=2, heads=2, mlp_width=64, patch_size=8, image_size=16, output_dim=16)
+
+
+def random_encoder(arch: VisionArch = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Canonical state dict of a randomly initialised open_clip VisionTransformer."""
+    torch.manual_seed(seed)
+    model = arch.build_open_clip()
+    with torch.no_grad():  # LayerNorms start at 1/0: give them some spread like trained weights
+        for name, param in model.named_parameters():
+            if "ln" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def task_vector(
+    pretrained: dict[str, torch.Tensor], seed: int, rank: int = 2, scale: float = 0.02, noise: float = 0.002, keys=None
+) -> dict[str, torch.Tensor]:
+    """A task vector with realistic structure: low-rank matrices plus dense noise everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    tau = {}
+    for k, v in pretrained.items():
+        if keys is not None and k not in keys:
+            continue
+        t = noise * torch.randn(v.shape, generator=g)
+        if v.dim() == 2 and is_matrix(k):
+            m, n = v.shape
+            t += scale * (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)) / rank**0.5
+        tau[k] = t
+    return tau
+
+
+def finetuned(pretrained, seed: int, **kwargs) -> dict[str, torch.Tensor]:
+    tau = task_vector(pretrained, seed, **kwargs)
+    return {k: pretrained[k] + tau[k] for k in tau}
+
+
+def write_hf(
+    state: dict[str, torch.Tensor], directory: Path, arch: VisionArch = TINY, projection: bool = False
+) -> Path:
+    """A transformers CLIPVisionModel directory (config.json + model.safetensors), as on the Hub."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in to_hf(state, include_projection=projection).items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(arch.hf_config()))
+    return directory
+
+
+def write_open_clip(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """A file of open_clip CLIP keys (image tower under visual.)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in to_open_clip(state).items()}, str(path))
+    return path
