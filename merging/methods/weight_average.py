@@ -1,0 +1,21 @@
+"""Continual weight averaging: the running mean of the fine-tuned models."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..state_dict import StateDict
+from .base import ContinualMerger
+
+
+class WeightAverage(ContinualMerger):
+    name: ClassVar[str] = "weight_average"
+    title: ClassVar[str] = "Continual Weight Averaging"
+    summary: ClassVar[str] = "Keeps the running mean θ^(t) = ((t−1) θ^(t−1) + θ_t) / t of the fine-tuned models."
+
+    def _merge(self, incoming: StateDict, task_norm: float) -> dict[str, Any]:
+        t = self.step_count
+        for k in self.merge_keys:
+            merged = self.merged[k]
+            merged.mul_(t - 1).add_(incoming[k]).div_(t)
+        return {}

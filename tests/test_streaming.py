@@ -1,0 +1,122 @@
+"""The streaming interface: bounded memory, options, and the registry."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from merging.errors import OptionError
+from merging.methods import METHODS, create_merger, get_method
+
+from .encoders import TINY, finetuned, random_encoder
+
+
+def held_bytes(merger) -> int:
+    """Bytes of every tensor the merger's attributes reach (dicts, lists, tensors)."""
+    seen: set[int] = set()
+    total = 0
+    stack = list(vars(merger).values())
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if id(item) not in seen:
+                seen.add(id(item))
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_never_keeps_earlier_checkpoints(method):
+    pretrained = random_encoder(TINY)
+    merger = create_merger(method)
+    merger.start(pretrained)
+    references = []
+    sizes = []
+    for seed in range(1, 6):
+        model = finetuned(pretrained, seed)
+        references.append([weakref.ref(t) for t in model.values()])
+        merger.step(model)
+        del model
+        gc.collect()
+        sizes.append(held_bytes(merger))
+    for refs in references:
+        assert all(r() is None for r in refs), f"{method} keeps a fine-tuned tensor alive"
+    assert sizes[1] == sizes[-1], f"{method} holds more memory as tasks arrive: {sizes}"
+    encoder_bytes = sum(t.numel() * 4 for t in pretrained.values())
+    assert sizes[-1] <= 3 * encoder_bytes
+
+
+def test_start_copies_the_pretrained_encoder():
+    pretrained = random_encoder(TINY)
+    merger = create_merger("task_arithmetic")
+    merger.start(pretrained)
+    before = {k: v.clone() for k, v in pretrained.items()}
+    merger.step(finetuned(pretrained, 1))
+    assert all(torch.equal(before[k], pretrained[k]) for k in pretrained)
+
+
+def test_incoming_tensors_are_not_modified():
+    pretrained = random_encoder(TINY)
+    for method in METHODS:
+        merger = create_merger(method)
+        merger.start(pretrained)
+        for seed in (1, 2, 3):
+            model = finetuned(pretrained, seed)
+            copy = {k: v.clone() for k, v in model.items()}
+            merger.step(model)
+            assert all(torch.equal(copy[k], model[k]) for k in model), method
+
+
+def test_keys_missing_from_finetuned_stay_pretrained():
+    pretrained = random_encoder(TINY)
+    merger = create_merger("opcm")
+    merger.start(pretrained)
+    for seed in (1, 2):
+        result = merger.step({k: v for k, v in finetuned(pretrained, seed).items() if k != "proj"})
+    assert torch.equal(result.merged["proj"], pretrained["proj"])
+    assert "proj" not in merger.merge_keys
+
+
+def test_options_parse_strings_and_report_valid_values():
+    merger = create_merger("opcm", {"alpha": "0.7", "zero_diagonal": "false", "projection": "two_sided"})
+    assert merger.config == {
+        "alpha": 0.7,
+        "projection": "two_sided",
+        "zero_diagonal": False,
+        "class_embedding": "merged",
+    }
+    with pytest.raises(OptionError) as exc:
+        create_merger("opcm", {"alhpa": 0.5})
+    assert str(exc.value) == (
+        "unknown option 'alhpa' for opcm; valid options: alpha, projection, zero_diagonal, class_embedding"
+    )
+    with pytest.raises(OptionError, match=r"opcm option alpha=1.5 is out of range: must be a number in \[0, 1\]"):
+        create_merger("opcm", {"alpha": "1.5"})
+    with pytest.raises(OptionError, match="must be one of block, two_sided"):
+        create_merger("opcm", {"projection": "three_sided"})
+    with pytest.raises(OptionError, match="zero_diagonal=maybe is invalid: must be one of true, false"):
+        create_merger("opcm", {"zero_diagonal": "maybe"})
+    with pytest.raises(OptionError, match=r"ties option top_k=0 is out of range: must be a number in \(0, 100\]"):
+        create_merger("ties", {"top_k": 0})
+    with pytest.raises(OptionError, match="takes no options"):
+        create_merger("weight_average", {"scaling": 1})
+    with pytest.raises(OptionError, match="valid methods: opcm, task_arithmetic, weight_average, ties, magmax"):
+        get_method("otmf")
+
+
+def test_mismatched_incoming_encoder_is_reported():
+    pretrained = random_encoder(TINY)
+    merger = create_merger("opcm")
+    merger.start(pretrained)
+    merger.step(finetuned(pretrained, 1))
+    bad = finetuned(pretrained, 2)
+    bad["ln_post.weight"] = torch.ones(7)
+    with pytest.raises(Exception, match=r"shape mismatch at ln_post\.weight: pretrained \(32,\) vs fine-tuned \(7,\)"):
+        merger.step(bad)
