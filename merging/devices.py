@@ -1,0 +1,66 @@
+"""Choosing the compute device, and measuring peak memory on it.
+
+Peak host memory is the process's resident-set high-water mark (``VmHWM``), which Linux
+lets a process reset by writing 5 to ``/proc/self/clear_refs``; so a peak can be taken
+over one region of a run. On CUDA, torch's allocator statistics are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import MergingError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; asking for absent CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise MergingError("--device cuda was asked for, but CUDA is not available on this machine")
+        return torch.device("cuda")
+    raise MergingError(f"unknown device {name!r}; valid devices: {', '.join(DEVICE_CHOICES)}")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def resident_bytes() -> int | None:
+    """Current resident set size of this process, or None where /proc is unavailable."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_memory(device: torch.device | None = None) -> bool:
+    """Start a new peak-memory window; False where the platform cannot reset the host peak."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int | None:
+    """Peak since the last reset: GPU bytes allocated on CUDA, else the host's resident peak."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
