@@ -1,0 +1,179 @@
+"""Command line: ``python -m merging merge ...``.
+
+Errors caused by input print one line (``error: ...``) and exit with status 2; a failure
+part-way through keeps what was merged so far in a ``.partial`` file beside ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .devices import DEVICE_CHOICES
+from .errors import MergingError, OptionError
+from .merge import DTYPES, ContinualMerge
+from .methods import METHODS
+
+EXIT_BAD_INPUT = 2
+
+
+def _methods_help() -> str:
+    lines = []
+    for name, cls in METHODS.items():
+        opts = ", ".join(f"{o.name}={_show(o.default)}" for o in cls.options) or "no options"
+        lines.append(f"  {name:<16} {cls.title}: {opts}")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m merging",
+        description="Continual merging of fine-tuned CLIP image encoders.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    merge = commands.add_parser(
+        "merge",
+        help="merge fine-tuned checkpoints, one after the other, into the pretrained encoder",
+        description="Merge fine-tuned CLIP image encoders continually (in the order given) and write the result.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="methods and their options (defaults):\n" + _methods_help(),
+    )
+    merge.add_argument(
+        "--method", required=True, choices=list(METHODS), metavar="NAME", help=f"merging method: {', '.join(METHODS)}"
+    )
+    merge.add_argument(
+        "--pretrained",
+        required=True,
+        metavar="SRC",
+        help="pretrained encoder: a checkpoint directory or a .safetensors file "
+        "(open_clip or Hugging Face CLIP layout)",
+    )
+    merge.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="SRC",
+        help="a fine-tuned encoder; repeat the flag, in merge order",
+    )
+    merge.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="output: a .safetensors file, or for --format hf a directory that receives "
+        "model.safetensors and config.json",
+    )
+    merge.add_argument(
+        "--format",
+        choices=("hf", "open_clip"),
+        default=None,
+        help="output layout; default: the layout of the fine-tuned checkpoints",
+    )
+    merge.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. --opt alpha=0.5 (repeatable; see the list below)",
+    )
+    merge.add_argument(
+        "--device",
+        choices=DEVICE_CHOICES,
+        default="auto",
+        help="where the arithmetic runs (always float32); auto: CUDA if available",
+    )
+    merge.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="storage dtype of the output; auto: that of the fine-tuned checkpoints",
+    )
+    merge.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); "
+        "off by default because unpickling can run code",
+    )
+    return parser
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, str]:
+    """``["alpha=0.5", ...]`` → ``{"alpha": "0.5"}``; values are parsed by the method."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--opt {pair!r} is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _format_step(step, elapsed_load: float) -> str:
+    d = step.diagnostics
+    parts = [
+        f"step {step.index}/{step.total}",
+        Path(step.source.rstrip("/")).name or step.source,
+        f"merged in {step.merge_seconds:.2f} s (load {elapsed_load:.2f} s)",
+        f"|tau|={d['task_norm']:.4g}",
+        f"|merged-pretrained|={d['merged_norm']:.4g}",
+    ]
+    if "lambda" in d:
+        parts.append(f"lambda={d['lambda']:.4g}")
+    if "removed_share" in d:
+        parts.append(f"removed={100 * d['removed_share']:.1f}%")
+    return "  ".join(parts)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    job = ContinualMerge(
+        method=args.method,
+        pretrained=args.pretrained,
+        checkpoints=args.checkpoint,
+        options=parse_options(args.opt),
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"pretrained: {job.base.describe()}", flush=True)
+    for reader in job.readers:
+        print(f"checkpoint: {reader.describe()}", flush=True)
+    try:
+        for step in job.steps():
+            print(_format_step(step, step.load_seconds), flush=True)
+    except MergingError as exc:
+        if job.completed:
+            partial = _partial_path(Path(args.out), len(job.completed), len(job.readers))
+            job.save(partial, args.format, args.dtype)
+            raise MergingError(
+                f"{exc}; the merge of the first {len(job.completed)} checkpoints is in {partial}"
+            ) from None
+        raise
+    written = job.save(args.out, args.format, args.dtype)
+    fmt = args.format or job.default_format
+    print(f"wrote {', '.join(str(w) for w in written)} ({fmt} layout)", flush=True)
+    return 0
+
+
+def _partial_path(out: Path, done: int, total: int) -> Path:
+    tag = f".partial-{done}of{total}"
+    return out.with_name(out.stem + tag + out.suffix) if out.suffix else out.with_name(out.name + tag)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "merge":
+            if not args.checkpoint:
+                raise MergingError("no fine-tuned checkpoints given: pass --checkpoint SRC at least once")
+            return run_merge(args)
+    except MergingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    parser.error(f"unknown command {args.command}")
+    return EXIT_BAD_INPUT
