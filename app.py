@@ -49,7 +49,7 @@ def merge_checkpoints(
             d = step.diagnostics
             extra = f", λ = {d['lambda']:.3f}" if "lambda" in d else ""
             log.append(
-                f"step {step.index}/{step.total}: {step.source} merged in {step.merge_seconds:.2f} s, "
+                f"step {step.index}/{step.total}: {step.source} merged in {step.seconds:.2f} s, "
                 f"‖θ − θ0‖ = {d['merged_norm']:.4g}{extra}"
             )
             yield "\n".join(log)

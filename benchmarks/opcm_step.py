@@ -91,7 +91,7 @@ def worker(kind: str, folder: Path, device_name: str, count: int) -> None:
     reset_peak_memory(device)
     if kind == "ours":
         job = ContinualMerge("opcm", str(folder / "pretrained.safetensors"), sources, device=device_name)
-        times = [step.merge_seconds for step in job.steps()]
+        times = [step.seconds for step in job.steps()]
         merged = job.merger.merged
     else:
         dtype = torch.float64 if kind == "exact" else torch.float32

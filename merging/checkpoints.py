@@ -228,6 +228,11 @@ class EncoderReader(Mapping[str, Tensor]):
                 return dtype
         return torch.float32
 
+    @property
+    def is_lazy(self) -> bool:
+        """True when tensors can be read one at a time (safetensors), False for a pickle."""
+        return not self.files.resolved.is_pickle
+
     def describe(self) -> str:
         return f"{self.source}: {self.layout.description}, {self.arch.layers} blocks of width {self.arch.width}"
 

@@ -114,12 +114,12 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return options
 
 
-def _format_step(step, elapsed_load: float) -> str:
+def _format_step(step) -> str:
     d = step.diagnostics
     parts = [
         f"step {step.index}/{step.total}",
         Path(step.source.rstrip("/")).name or step.source,
-        f"merged in {step.merge_seconds:.2f} s (load {elapsed_load:.2f} s)",
+        f"read and merged in {step.seconds:.2f} s",
         f"|tau|={d['task_norm']:.4g}",
         f"|merged-pretrained|={d['merged_norm']:.4g}",
     ]
@@ -144,7 +144,7 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"checkpoint: {reader.describe()}", flush=True)
     try:
         for step in job.steps():
-            print(_format_step(step, step.load_seconds), flush=True)
+            print(_format_step(step), flush=True)
     except MergingError as exc:
         if job.completed:
             partial = _partial_path(Path(args.out), len(job.completed), len(job.readers))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merging.methods import create_merger
-from merging.methods.ties import magnitude_threshold
+from merging.methods.ties import kth_smallest_magnitude, magnitude_threshold
 
 from .encoders import TINY, finetuned, random_encoder
 
@@ -81,5 +81,14 @@ def test_ties_scaling_applies_to_first_step_and_merge(encoders):
 def test_magnitude_threshold_matches_reference_kthvalue():
     values = torch.tensor([0.1, -5.0, 3.0, 3.0, -0.2, 0.0, 7.0, 1.0])
     # d = 8, top 25% → k = 2 → the 6th smallest magnitude (3.0); both 3.0 entries are kept too
-    assert magnitude_threshold([values[:3], values[3:]], 8, 25.0) == 3.0
-    assert magnitude_threshold([values], 8, 100.0) == 0.0
+    assert magnitude_threshold(lambda: [values[:3], values[3:]], 8, 25.0) == 3.0
+    assert magnitude_threshold(lambda: [values], 8, 100.0) == 0.0
+
+
+def test_radix_selection_equals_kthvalue_on_awkward_values():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(1000, generator=g) * 10.0 ** torch.randint(-8, 3, (1000,), generator=g) for _ in range(3)]
+    parts.append(torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, 3.0]))  # zeros, subnormals, ties
+    flat = torch.cat(parts).abs()
+    for rank in (1, 2, 500, 1500, 2999, flat.numel()):
+        assert kth_smallest_magnitude(lambda: parts, rank) == float(torch.kthvalue(flat, rank).values)

@@ -51,7 +51,7 @@ def test_merge_command_writes_loadable_hf_directory(tmp_path, checkpoint_dirs):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
-    assert [s.split()[1] for s in steps] == ["1/3", "2/3", "3/3"] and all("merged in" in s for s in steps)
+    assert [s.split()[1] for s in steps] == ["1/3", "2/3", "3/3"] and all("read and merged in" in s for s in steps)
     assert "lambda=" in steps[-1] and "removed=" in steps[-1]
     expected = expected_merge("opcm", base, fine, alpha=0.6)
     written = load_encoder(out)

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from merging.errors import OptionError
+from merging.errors import CheckpointError, OptionError
 from merging.methods import METHODS, create_merger, get_method
 
 from .encoders import TINY, finetuned, random_encoder
@@ -118,5 +118,31 @@ def test_mismatched_incoming_encoder_is_reported():
     merger.step(finetuned(pretrained, 1))
     bad = finetuned(pretrained, 2)
     bad["ln_post.weight"] = torch.ones(7)
-    with pytest.raises(Exception, match=r"shape mismatch at ln_post\.weight: pretrained \(32,\) vs fine-tuned \(7,\)"):
+    with pytest.raises(CheckpointError, match=r"at ln_post\.weight: pretrained \(32,\) vs fine-tuned encoder 2 \(7,\)"):
         merger.step(bad)
+
+
+def test_lazy_reader_is_streamed_and_a_bad_one_changes_nothing(tmp_path):
+    from merging.checkpoints import open_encoder
+
+    from .encoders import write_hf
+
+    pretrained = random_encoder(TINY)
+    models = [{k: v for k, v in finetuned(pretrained, s).items() if k != "proj"} for s in (1, 2)]
+    readers = [open_encoder(write_hf(m, tmp_path / f"m{i}")) for i, m in enumerate(models)]
+    eager, lazy = create_merger("opcm"), create_merger("opcm")
+    for merger, inputs in ((eager, models), (lazy, readers)):
+        merger.start(pretrained)
+        for model in inputs:
+            result = merger.step(model)
+    assert all(torch.equal(eager.merged[k], lazy.merged[k]) for k in pretrained)
+    assert result.diagnostics["task_norm"] > 0
+
+    broken = dict(models[0])
+    broken["transformer.resblocks.1.mlp.c_proj.bias"] = torch.full((32,), float("nan"))
+    bad = open_encoder(write_hf(broken, tmp_path / "bad"))
+    before = {k: v.clone() for k, v in lazy.merged.items()}
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'bad'} has NaN or Inf values in "
+                                              r"transformer\.resblocks\.1\.mlp\.c_proj\.bias"):
+        lazy.step(bad)
+    assert lazy.step_count == 2 and all(torch.equal(before[k], lazy.merged[k]) for k in before)

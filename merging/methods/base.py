@@ -12,7 +12,7 @@ All arithmetic is float32 on the merger's device, whatever the storage dtype.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -150,12 +150,20 @@ class ContinualMerger(ABC):
         self.step_count = 0
 
     def step(self, finetuned: Mapping[str, Tensor]) -> StepResult:
-        """Merge one more fine-tuned encoder θ_t; return the merged encoder and diagnostics."""
+        """Merge one more fine-tuned encoder θ_t; return the merged encoder and diagnostics.
+
+        ``finetuned`` may be a lazy mapping (:class:`merging.checkpoints.EncoderReader`):
+        it is then read one parameter at a time and never held whole. Everything is checked
+        (keys, shapes, finite values) before the merged state changes, so a bad checkpoint
+        raises and leaves the merger as it was after the previous step.
+        """
         if not self.pretrained:
             raise RuntimeError("start() must be called with the pretrained encoder before step()")
-        incoming = self._prepare(finetuned)
+        incoming = Incoming(finetuned, self._check_keys(finetuned), self.device)
+        task_norm = self._validated_task_norm(incoming)
+        if not self.merge_keys:
+            self.merge_keys = incoming.keys()
         self.step_count += 1
-        task_norm = distance(incoming, self.pretrained, self.merge_keys)
         if self.step_count == 1:
             self.merged = {k: v.clone() for k, v in self.pretrained.items()}
         diagnostics = {"step": self.step_count, "task_norm": task_norm}
@@ -164,34 +172,71 @@ class ContinualMerger(ABC):
             diagnostics["merged_norm"] = distance(self.merged, self.pretrained, self.merge_keys)
         return StepResult(self.merged, diagnostics)
 
-    def _prepare(self, finetuned: Mapping[str, Tensor]) -> StateDict:
-        keys = [k for k in self.pretrained if k in finetuned]
+    def _check_keys(self, finetuned: Mapping[str, Tensor]) -> list[str]:
+        name = _name(finetuned, self.step_count + 1)
         extra = [k for k in finetuned if k not in self.pretrained]
         if extra:
-            raise CheckpointError(f"fine-tuned encoder has parameter {extra[0]}, which the pretrained encoder lacks")
-        if not self.merge_keys:
-            self.merge_keys = keys
-        elif keys != self.merge_keys:
-            missing = next((k for k in self.merge_keys if k not in finetuned), None) or next(
+            raise CheckpointError(f"{name} has parameter {extra[0]}, which the pretrained encoder lacks")
+        keys = [k for k in self.pretrained if k in finetuned]
+        if self.merge_keys and keys != self.merge_keys:
+            differing = next((k for k in self.merge_keys if k not in finetuned), None) or next(
                 k for k in keys if k not in self.merge_keys
             )
-            raise CheckpointError(
-                f"fine-tuned encoder {self.step_count + 1} differs from the first at parameter {missing}"
-            )
-        incoming: StateDict = {}
+            raise CheckpointError(f"{name} differs from the first fine-tuned encoder at parameter {differing}")
         for k in keys:
-            tensor = finetuned[k]
-            if tuple(tensor.shape) != tuple(self.pretrained[k].shape):
+            shape = _shape(finetuned, k)
+            if shape != tuple(self.pretrained[k].shape):
                 raise CheckpointError(
-                    f"shape mismatch at {k}: pretrained {tuple(self.pretrained[k].shape)} "
-                    f"vs fine-tuned {tuple(tensor.shape)}"
+                    f"shape mismatch at {k}: pretrained {tuple(self.pretrained[k].shape)} vs {name} {shape}"
                 )
-            incoming[k] = tensor.to(self.device, torch.float32)
-        return incoming
+        return keys
+
+    def _validated_task_norm(self, incoming: Incoming) -> float:
+        """‖θ_t − θ0‖, reading every parameter once and rejecting NaN or Inf before any update."""
+        total = 0.0
+        for k in incoming:
+            tensor = incoming[k]
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{incoming.name} has NaN or Inf values in {k}")
+            total += float(torch.linalg.vector_norm(tensor - self.pretrained[k])) ** 2
+        return total**0.5
 
     @abstractmethod
-    def _merge(self, incoming: StateDict, task_norm: float) -> dict[str, Any]:
+    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
         """Update ``self.merged`` in place from θ_t; return method-specific diagnostics.
 
-        ``incoming`` may share memory with the caller's tensors: never modify or keep it.
+        Read θ_t parameter by parameter (``incoming[key]``, float32 on the merger's device);
+        the tensors may share memory with the caller's: never modify or keep them.
         """
+
+
+class Incoming:
+    """θ_t as the merger sees it: one parameter at a time, float32 on the merger's device."""
+
+    def __init__(self, source: Mapping[str, Tensor], keys: list[str], device: torch.device):
+        self.source = source
+        self.name = _name(source, None)
+        self.device = device
+        self._keys = keys
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.source[key].to(self.device, torch.float32)
+
+
+def _name(finetuned: Mapping[str, Tensor], step: int | None) -> str:
+    source = getattr(finetuned, "source", None)
+    if source is not None:
+        return f"checkpoint {source}"
+    return "the fine-tuned encoder" if step is None else f"fine-tuned encoder {step}"
+
+
+def _shape(mapping: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    """A parameter's shape, from a lazy reader's header when it has one (no read)."""
+    shape = getattr(mapping, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(mapping[key].shape)

@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..parallel import map_on_threads
 from ..parameters import matrix_views
-from ..state_dict import StateDict
-from .base import ContinualMerger, Option
+from .base import ContinualMerger, Incoming, Option
 
 # Below this ratio to the largest singular value a direction is treated as null space.
 _RANK_TOLERANCE = 1e-6
@@ -55,7 +55,10 @@ def reduced_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     is used instead.
     """
     a64 = matrix.double()
-    eigenvalues, v64 = torch.linalg.eigh(a64.T @ a64)
+    gram = a64.T @ a64
+    del a64  # the float64 copy is twice the matrix: free it before the eigensolver runs
+    eigenvalues, v64 = torch.linalg.eigh(gram)
+    del gram
     s = eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype)
     if s.numel() == 0 or float(s[-1]) <= _RANK_TOLERANCE * float(s[0]):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -97,7 +100,7 @@ def project_task_matrix(
         diagonal = (c * v.T).sum(dim=1)  # P_ii = u_iᵀ Δ v_i
         if projection == "two_sided":
             diagonal[:split] = 0  # those rows are removed whole below
-        projected.addmm_(u * diagonal, v.T, alpha=-1)
+        projected.addmm_(u, diagonal[:, None] * v.T, alpha=-1)
     if split:
         u_s, v_s = u[:, :split], v[:, :split]
         block = c[:split] @ v_s  # P[:split, :split]
@@ -145,7 +148,7 @@ class OPCM(ContinualMerger):
         self.lambda_prev = 1.0
         self._norm_sum = 0.0
 
-    def _merge(self, incoming: StateDict, task_norm: float) -> dict[str, Any]:
+    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
         self._norm_sum += task_norm
         mean_norm = self._norm_sum / self.step_count
         if self.step_count == 1:
@@ -154,7 +157,7 @@ class OPCM(ContinualMerger):
             self.lambda_prev = 1.0
             return {"lambda": 1.0, "mean_task_norm": mean_norm, "removed_share": 0.0, "matrices": {}}
 
-        updates = [self._update(k, incoming[k]) for k in self.merge_keys]
+        updates = map_on_threads(lambda k: self._update(k, incoming[k]), self.merge_keys, self.device)
         kept_sq = sum(u.kept_sq for u in updates)
         unnormalised_norm = sum(u.merged_sq for u in updates) ** 0.5
         matrices = {label: entry for u in updates for label, entry in u.matrices.items()}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..state_dict import StateDict
-from .base import ContinualMerger, Option
+from .base import ContinualMerger, Incoming, Option
 
 
 class TaskArithmetic(ContinualMerger):
@@ -22,7 +21,7 @@ class TaskArithmetic(ContinualMerger):
         ),
     )
 
-    def _merge(self, incoming: StateDict, task_norm: float) -> dict[str, Any]:
+    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
         scaling = self.config["scaling"]
         for k in self.merge_keys:
             self.merged[k].add_(incoming[k] - self.pretrained[k], alpha=scaling)

@@ -7,45 +7,62 @@ zero sum takes the majority sign of all entries), and sums the trimmed values th
 with the elected sign.
 
 The reference flattens both vectors into one (2, d) tensor. Here the work is done key by
-key, in three passes: thresholds, the global majority sign, then the merge; only the
-thresholds need a flattened copy of one vector's magnitudes at a time.
+key, in passes over the parameters: two for each trimming threshold (an exact radix
+selection), one for the global majority sign, one for the merge. Memory stays that of
+one parameter beyond the merger's state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..state_dict import StateDict
-from .base import ContinualMerger, Option
+from .base import ContinualMerger, Incoming, Option
 
 
-def magnitude_threshold(tensors: Iterable[Tensor], numel: int, top_k_percent: float) -> float:
+def kth_smallest_magnitude(tensors: Callable[[], Iterable[Tensor]], rank: int) -> float:
+    """The ``rank``-th smallest magnitude (1-based) over all entries of ``tensors()``, exactly.
+
+    A radix selection on the bits of float32 magnitudes (ordered like the numbers for
+    non-negative values): one pass histograms the high 16 bits, a second the low 16 bits
+    inside the bucket that holds the rank. ``tensors`` is called once per pass and its
+    tensors are read one at a time, so no flattened copy of the model is ever made, where
+    ``torch.kthvalue`` on the flattened vector would need several.
+    """
+    buckets = 1 << 16
+
+    def bits_of(t: Tensor) -> Tensor:
+        return t.detach().float().abs().reshape(-1).view(torch.int32)
+
+    high = torch.zeros(buckets, dtype=torch.int64)
+    for t in tensors():
+        high += torch.bincount(bits_of(t) >> 16, minlength=buckets).cpu()
+    cumulative = high.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+    rank -= int(cumulative[bucket - 1]) if bucket > 0 else 0
+    low = torch.zeros(buckets, dtype=torch.int64)
+    for t in tensors():
+        bits = bits_of(t)
+        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=buckets).cpu()
+    index = int(torch.searchsorted(low.cumsum(0), torch.tensor(rank)))
+    return float(torch.tensor([(bucket << 16) | index], dtype=torch.int32).view(torch.float32))
+
+
+def magnitude_threshold(tensors: Callable[[], Iterable[Tensor]], numel: int, top_k_percent: float) -> float:
     """The magnitude at or above which the top ``top_k_percent``% entries of all tensors lie.
 
     Matches the reference: with d entries and k = int(d · top_k / 100), the threshold is
     the (d − k)-th smallest magnitude and entries ≥ it are kept: k + 1 entries when the
     magnitudes are distinct (the reference's off-by-one, kept for fidelity; one entry in
     millions), more when several equal the threshold. Keeping every entry (k ≥ d) returns 0.
-    ``tensors`` is consumed one at a time into a buffer of ``numel`` entries, so only one
-    flattened copy exists.
     """
-    magnitudes: Tensor | None = None
-    offset = 0
-    for t in tensors:
-        if magnitudes is None:
-            magnitudes = torch.empty(numel, dtype=t.dtype, device=t.device)
-        n = t.numel()
-        magnitudes[offset : offset + n] = t.detach().abs().reshape(-1)
-        offset += n
-    d = offset
-    k = int(d * (top_k_percent / 100.0))
-    if magnitudes is None or k >= d:
+    k = int(numel * (top_k_percent / 100.0))
+    if numel == 0 or k >= numel:
         return 0.0
-    return float(torch.kthvalue(magnitudes, d - k).values)
+    return kth_smallest_magnitude(tensors, numel - k)
 
 
 def elect_and_merge(trimmed: list[Tensor], sign: Tensor) -> Tensor:
@@ -80,7 +97,7 @@ class TIES(ContinualMerger):
         ),
     )
 
-    def _merge(self, incoming: StateDict, task_norm: float) -> dict[str, Any]:
+    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
         scaling, top_k = self.config["scaling"], self.config["top_k"]
         keys, p0, merged = self.merge_keys, self.pretrained, self.merged
         if self.step_count == 1:
@@ -95,8 +112,8 @@ class TIES(ContinualMerger):
             return incoming[k] - p0[k]
 
         numel = sum(p0[k].numel() for k in keys)
-        threshold_m = magnitude_threshold((merged_delta(k) for k in keys), numel, top_k)
-        threshold_t = magnitude_threshold((task_delta(k) for k in keys), numel, top_k)
+        threshold_m = magnitude_threshold(lambda: (merged_delta(k) for k in keys), numel, top_k)
+        threshold_t = magnitude_threshold(lambda: (task_delta(k) for k in keys), numel, top_k)
 
         def trimmed(k: str) -> list[Tensor]:
             m, t = merged_delta(k), task_delta(k)
