@@ -1,0 +1,97 @@
+"""Accuracy of an image encoder on tasks, with the pretrained text tower's zero-shot heads.
+
+An :class:`Evaluator` is bound to one backbone, device and sample cap. It keeps its own copy
+of the image tower and loads each encoder to evaluate into it, so evaluating never touches
+the backbone itself. Inference is batched without gradients, float32 on the CPU and
+bfloat16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbones import Backbone
+from .datasets import ImageCache, ImageSet, cache_root, normalise
+from .tasks import Task
+from .zeroshot import HeadCache
+
+DEFAULT_SAMPLES = 500
+
+
+class Evaluator:
+    def __init__(
+        self,
+        backbone: Backbone,
+        device: torch.device | str = "cpu",
+        samples: int | None = DEFAULT_SAMPLES,
+        cache_dir: Path | None = None,
+        batch_size: int | None = None,
+    ):
+        self.backbone = backbone
+        self.device = torch.device(device)
+        self.samples = samples
+        directory = cache_dir or cache_root()
+        self.images = ImageCache(directory)
+        self.heads = HeadCache(directory)
+        self.batch_size = batch_size or (1024 if self.device.type == "cuda" else 500)
+        self.visual = copy.deepcopy(backbone.model.visual).to(self.device).eval()
+        for parameter in self.visual.parameters():
+            parameter.requires_grad_(False)
+
+    def test_set(self, task: Task) -> ImageSet:
+        return self.images.load(task, task.dataset.split, self.backbone.preprocess, self.samples)
+
+    def head(self, task: Task) -> Tensor:
+        return self.heads.get(self.backbone, task).to(self.device)
+
+    def load_encoder(self, state: Mapping[str, Tensor]) -> None:
+        """Put an image encoder (canonical keys; missing ones keep the pretrained value) in place."""
+        with torch.no_grad():
+            own = self.visual.state_dict()
+            for key, value in state.items():
+                own[key].copy_(value)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings of uint8 images, in batches."""
+        outputs = []
+        autocast = self.device.type == "cuda"
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = normalise(images[start : start + self.batch_size].to(self.device), self.backbone.preprocess)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                outputs.append(F.normalize(self.visual(batch).float(), dim=-1))
+        return torch.cat(outputs)
+
+    def accuracy(self, task: Task, head: Tensor | None = None) -> float:
+        """Accuracy of the encoder currently loaded on ``task``'s test images (a fraction)."""
+        data = self.test_set(task)
+        logits = self.features(data.images) @ (self.head(task) if head is None else head.to(self.device)).T
+        return float((logits.argmax(dim=-1).cpu() == data.labels).float().mean())
+
+    def evaluate(
+        self,
+        state: Mapping[str, Tensor] | None,
+        tasks: Iterable[Task],
+        heads: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Accuracy per task of ``state`` (None: the pretrained encoder).
+
+        ``heads`` overrides the zero-shot head of the tasks it names (OTMF's tuned heads).
+        """
+        self.load_encoder(self.backbone.visual_state() if state is None else state)
+        heads = heads or {}
+        return {task.name: self.accuracy(task, heads.get(task.name)) for task in tasks}
+
+    def task_images(self, task: Task, split: str) -> ImageSet:
+        """A split's cached sample (the same cap as the test sets), for data-driven methods."""
+        return self.images.load(task, split, self.backbone.preprocess, self.samples)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """uint8 images → the encoder's normalised float input on the evaluator's device."""
+        return normalise(images.to(self.device), self.backbone.preprocess)
