@@ -1,4 +1,4 @@
-"""Command line: ``python -m merging merge ...``.
+"""Command line: ``python -m merging merge ...`` and ``python -m merging run ...``.
 
 Errors caused by input print one line (``error: ...``) and exit with status 2; a failure
 part-way through keeps what was merged so far in a ``.partial`` file beside ``--out``.
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli_run import add_run_parser, run_command
 from .devices import DEVICE_CHOICES
 from .errors import MergingError, OptionError
 from .merge import DTYPES, ContinualMerge
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); "
         "off by default because unpickling can run code",
     )
+    add_run_parser(commands)
     return parser
 
 
@@ -168,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "run":
+            return run_command(args)
         if args.command == "merge":
             if not args.checkpoint:
                 raise MergingError("no fine-tuned checkpoints given: pass --checkpoint SRC at least once")

@@ -64,3 +64,10 @@ def peak_memory_bytes(device: torch.device | None = None) -> int | None:
         return int(torch.cuda.max_memory_allocated(device))
     kib = _status_kib("VmHWM")
     return None if kib is None else kib * 1024
+
+
+def memory_in_use(device: torch.device | None = None) -> int | None:
+    """Bytes in use now, on the same scale as :func:`peak_memory_bytes` (GPU allocated, or host RSS)."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return resident_bytes()

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
-from .base import ContinualMerger, Option, StepResult
+from .base import ContinualMerger, MergeContext, Option, StepResult, TaskImages
 from .magmax import MagMax
 from .opcm import OPCM
 from .task_arithmetic import TaskArithmetic
@@ -48,8 +48,10 @@ def create_merger(name: str, options: Mapping[str, Any] | None = None) -> Contin
 __all__ = [
     "METHODS",
     "ContinualMerger",
+    "MergeContext",
     "Option",
     "StepResult",
+    "TaskImages",
     "create_merger",
     "get_method",
     "method_names",

@@ -12,14 +12,14 @@ All arithmetic is float32 on the merger's device, whatever the storage dtype.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, MergingError, OptionError
 from ..state_dict import StateDict, distance
 
 _TRUE = ("true", "1", "yes", "on")
@@ -115,6 +115,33 @@ class StepResult:
     diagnostics: dict[str, Any]
 
 
+@dataclass
+class TaskImages:
+    """A task's images as the evaluator caches them: uint8 N × 3 × H × W, and labels."""
+
+    images: Tensor
+    labels: Tensor
+
+
+@dataclass
+class MergeContext:
+    """What a data-driven method gets besides weights, from the runner.
+
+    ``encoder`` is an image tower holding the pretrained weights, used only through
+    ``torch.func.functional_call`` (its own parameters are never changed); its forward is
+    ``encode_image`` before L2 normalisation. ``images(task, split)`` returns that split's
+    deterministic sample, ``prepare`` turns a uint8 batch into the normalised float input
+    on the merger's device, ``head(task)`` is the task's zero-shot head.
+    """
+
+    encoder: nn.Module
+    images: Callable[[str, str], TaskImages]
+    prepare: Callable[[Tensor], Tensor]
+    head: Callable[[str], Tensor]
+    logit_scale: float
+    seed: int = 0
+
+
 class ContinualMerger(ABC):
     """Base class: option parsing, key and shape checks, float32 conversion, common diagnostics."""
 
@@ -122,6 +149,8 @@ class ContinualMerger(ABC):
     title: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()
+    # Data-driven methods (OTMF) learn from images of the tasks: they need a MergeContext.
+    requires_data: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.config = self.parse_options(options)
@@ -130,6 +159,17 @@ class ContinualMerger(ABC):
         self.merged: StateDict = {}
         self.merge_keys: list[str] = []
         self.step_count = 0
+        self.context: MergeContext | None = None
+        self.task: str | None = None  # the task of the checkpoint being merged, when known
+        self.last = False  # whether the current step is the run's last
+
+    def attach(self, context: MergeContext) -> None:
+        """Give the merger access to the backbone's image tower and the tasks' images."""
+        self.context = context
+
+    def heads(self) -> dict[str, Tensor]:
+        """Classification heads the method has tuned (task → classes × dim); zero-shot otherwise."""
+        return {}
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,8 +189,11 @@ class ContinualMerger(ABC):
         self.merge_keys = []
         self.step_count = 0
 
-    def step(self, finetuned: Mapping[str, Tensor]) -> StepResult:
+    def step(self, finetuned: Mapping[str, Tensor], task: str | None = None, last: bool = False) -> StepResult:
         """Merge one more fine-tuned encoder θ_t; return the merged encoder and diagnostics.
+
+        ``task`` names θ_t's task and ``last`` says no checkpoint follows; only data-driven
+        methods use them (OTMF needs the task's images and tunes a final head).
 
         ``finetuned`` may be a lazy mapping (:class:`merging.checkpoints.EncoderReader`):
         it is then read one parameter at a time and never held whole. Everything is checked
@@ -159,6 +202,12 @@ class ContinualMerger(ABC):
         """
         if not self.pretrained:
             raise RuntimeError("start() must be called with the pretrained encoder before step()")
+        if self.requires_data and (self.context is None or task is None):
+            raise MergingError(
+                f"{self.name} learns from images of each task, so it needs task data: run it with "
+                "`python -m merging run` (or the app), not `python -m merging merge`"
+            )
+        self.task, self.last = task, last
         incoming = Incoming(finetuned, self._check_keys(finetuned), self.device)
         task_norm = self._validated_task_norm(incoming)
         if not self.merge_keys:

@@ -1,0 +1,400 @@
+"""The continual runner: merge step t with every method, evaluate, record, yield.
+
+A run is fully described by a :class:`RunConfig` (backbone, ordered checkpoints with their
+tasks, methods with options, evaluation settings), which is saved with the results so that
+``python -m merging run --config results.json`` replays it. :meth:`ContinualRun.steps` is a
+generator: it yields a :class:`StepReport` after every step, and whatever has been yielded
+stays in the run's results if the caller stops iterating, so a Stop button loses nothing.
+
+Several methods share each step's checkpoint (read lazily, one parameter at a time), the
+evaluator's cached images and zero-shot heads, and the reference rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .backbones import Backbone, load_backbone
+from .checkpoints import EncoderReader, check_compatible, open_encoder
+from .datasets import cache_root
+from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
+from .errors import MergingError
+from .evaluation import DEFAULT_SAMPLES, Evaluator
+from .methods import METHODS, ContinualMerger, MergeContext, TaskImages, create_merger
+from .metrics import acc, bwt
+from .tasks import Task, TaskRegistry, registry
+
+EvalMode = Literal["seen", "all"]
+
+
+@dataclass
+class CheckpointSpec:
+    """One fine-tuned checkpoint and the task it was fine-tuned on."""
+
+    source: str
+    task: str
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to run (and replay) a continual merging experiment."""
+
+    backbone: str = "mini"
+    checkpoints: list[CheckpointSpec] = field(default_factory=list)
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"opcm": {}})
+    samples: int | None = DEFAULT_SAMPLES
+    eval: EvalMode = "seen"
+    device: str = "auto"
+    preset: str | None = None
+    order_seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MergingError(f"run configuration has unknown field {unknown[0]!r}")
+        values = dict(data)
+        values["checkpoints"] = [CheckpointSpec(**c) for c in data.get("checkpoints", [])]
+        return cls(**values)
+
+
+def preset_checkpoints(preset: str, tasks: TaskRegistry | None = None) -> list[CheckpointSpec]:
+    """The checkpoints of a preset (such as ``mini-8``), in the preset's order."""
+    tasks = tasks or registry()
+    specs = []
+    for name in tasks.task_set(preset):
+        task = tasks.get(name)
+        if task.checkpoint_path is None:
+            raise MergingError(f"preset {preset}: task {name} has no checkpoint registered")
+        specs.append(CheckpointSpec(str(task.checkpoint_path), name))
+    return specs
+
+
+def shuffled(specs: Sequence[CheckpointSpec], seed: int | None) -> list[CheckpointSpec]:
+    """The papers' protocol: ``random.seed(seed)`` then ``random.shuffle`` (no shuffle without a seed)."""
+    specs = list(specs)
+    if seed is not None:
+        random.seed(seed)
+        random.shuffle(specs)
+    return specs
+
+
+def infer_task(source: str, tasks: TaskRegistry | None = None) -> str:
+    """The task a checkpoint was fine-tuned on, from ``SRC=TASK`` or from its name.
+
+    Names such as ``clip-vit-base-patch32_sun397`` or ``mini-digits`` end with the task; the
+    longest registered task name that the last path component ends with wins.
+    """
+    tasks = tasks or registry()
+    name = Path(source.rstrip("/")).name
+    matches = [t for t in tasks.tasks if name == t or name.endswith(("_" + t, "-" + t))]
+    if not matches:
+        raise MergingError(
+            f"cannot tell which task checkpoint {source} was fine-tuned on; write it as {source}=TASK "
+            f"(registered tasks: {', '.join(tasks.tasks)})"
+        )
+    return max(matches, key=len)
+
+
+def parse_checkpoint(argument: str, tasks: TaskRegistry | None = None) -> CheckpointSpec:
+    """``SRC`` or ``SRC=TASK`` → a checkpoint with its task."""
+    tasks = tasks or registry()
+    source, sep, task = argument.rpartition("=")
+    if sep and task in tasks.tasks:
+        return CheckpointSpec(source, task)
+    return CheckpointSpec(argument, infer_task(argument, tasks))
+
+
+@dataclass
+class MethodStep:
+    """One method's state of knowledge after one step."""
+
+    accuracy: dict[str, float]
+    acc: float
+    bwt: float | None
+    merge_seconds: float
+    eval_seconds: float
+    peak_memory_bytes: int | None  # the process's (or GPU's) peak during the merge
+    memory_increase_bytes: int | None  # that peak minus what was in use when the merge began
+    diagnostics: dict[str, Any]
+    # with tuned heads (OTMF head_tuning=on): the same tasks measured with their zero-shot heads
+    accuracy_zeroshot_head: dict[str, float] | None = None
+
+
+@dataclass
+class StepReport:
+    step: int
+    total: int
+    task: str
+    source: str
+    methods: dict[str, MethodStep]
+
+
+class ContinualRun:
+    """A continual merging run over one checkpoint order with one or more methods."""
+
+    def __init__(self, config: RunConfig, evaluator: Evaluator | None = None, cache_dir: Path | None = None):
+        if not config.checkpoints:
+            raise MergingError("no fine-tuned checkpoints: give a preset or at least one checkpoint")
+        if not config.methods:
+            raise MergingError(f"no method given; valid methods: {', '.join(METHODS)}")
+        if config.eval not in ("seen", "all"):
+            raise MergingError(f"eval must be seen or all, not {config.eval!r}")
+        self.config = config
+        self.tasks_registry = registry()
+        self.tasks: list[Task] = [self.tasks_registry.get(c.task) for c in config.checkpoints]
+        self.mergers: dict[str, ContinualMerger] = {
+            name: create_merger(name, options) for name, options in config.methods.items()
+        }
+        self.device = resolve_device(config.device)
+        self.backbone: Backbone = load_backbone(config.backbone)
+        self.cache_dir = cache_dir or cache_root()
+        self.evaluator = evaluator or Evaluator(self.backbone, self.device, config.samples, self.cache_dir)
+        self.readers: list[EncoderReader] = []
+        base = _BackboneEncoder(self.backbone)
+        for spec in config.checkpoints:
+            reader = open_encoder(spec.source)
+            check_compatible(base, reader)
+            self.readers.append(reader)
+        for spec, task in zip(config.checkpoints, self.tasks, strict=True):
+            self._check_dataset(task, spec)
+            if any(m.requires_data for m in self.mergers.values()):
+                self._check_train_split(task, spec)
+        self.reports: list[StepReport] = []
+        self._references: dict[str, dict[str, float]] | None = None
+
+    def _check_dataset(self, task: Task, spec: CheckpointSpec) -> None:
+        if not task.dataset.is_local:
+            raise MergingError(
+                f"task {task.name} (checkpoint {spec.source}) is evaluated on the Hub dataset "
+                f"{task.dataset.location}, which is not available offline here"
+            )
+        from .datasets import parquet_files
+
+        parquet_files(task, task.dataset.split)
+
+    def _check_train_split(self, task: Task, spec: CheckpointSpec) -> None:
+        from .datasets import parquet_files
+
+        needs = [n for n, m in self.mergers.items() if m.requires_data]
+        if task.dataset.train_split is None:
+            raise MergingError(
+                f"{', '.join(needs)} needs labelled train images of task {task.name} (checkpoint {spec.source}), "
+                "but its registry entry names no train split"
+            )
+        parquet_files(task, task.dataset.train_split)
+
+    def _merge_context(self) -> MergeContext:
+        """Images, heads and an image tower for data-driven methods, sharing the evaluator's caches."""
+        import copy
+
+        encoder = copy.deepcopy(self.backbone.model.visual).to(self.device).eval()
+        for parameter in encoder.parameters():
+            parameter.requires_grad_(False)
+
+        def images(name: str, split: str) -> TaskImages:
+            task = self.tasks_registry.get(name)
+            split_name = task.dataset.split if split == "test" else task.dataset.train_split
+            if split_name is None:
+                raise MergingError(f"task {name} has no {split} split registered")
+            data = self.evaluator.task_images(task, split_name)
+            return TaskImages(data.images, data.labels)
+
+        return MergeContext(
+            encoder=encoder,
+            images=images,
+            prepare=self.evaluator.prepare,
+            head=lambda name: self.evaluator.head(self.tasks_registry.get(name)),
+            logit_scale=self.backbone.logit_scale,
+        )
+
+    # ------------------------------------------------------------ references
+
+    @property
+    def references(self) -> dict[str, dict[str, float]]:
+        """Zero-shot accuracy of the pretrained model, and each checkpoint's on its own task."""
+        if self._references is None:
+            self._references = self._load_or_compute_references()
+        return self._references
+
+    def _reference_key(self) -> str:
+        parts = [self.backbone.fingerprint, str(self.config.samples)]
+        for spec, reader in zip(self.config.checkpoints, self.readers, strict=True):
+            stamp = ";".join(
+                f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in reader.files.resolved.weight_files
+            )
+            parts.append(f"{spec.task}|{stamp}")
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:20]
+
+    def _load_or_compute_references(self) -> dict[str, dict[str, float]]:
+        path = self.cache_dir / "references" / f"{self._reference_key()}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        pretrained = self.evaluator.evaluate(None, self.tasks)
+        finetuned = {}
+        for task, reader in zip(self.tasks, self.readers, strict=True):
+            finetuned[task.name] = self.evaluator.evaluate(reader.load(), [task])[task.name]
+        result = {"pretrained": pretrained, "finetuned": finetuned}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+        return result
+
+    # ------------------------------------------------------------ the run
+
+    def steps(self) -> Iterator[StepReport]:
+        """Merge and evaluate step after step; each yielded report is already recorded."""
+        self.references  # noqa: B018 (computed first, so the first step shows the reference lines)
+        pretrained = self.backbone.visual_state()
+        context = self._merge_context() if any(m.requires_data for m in self.mergers.values()) else None
+        for merger in self.mergers.values():
+            if merger.requires_data:
+                merger.attach(context)
+            merger.start(pretrained, self.device)
+        total = len(self.readers)
+        for index, (reader, task) in enumerate(zip(self.readers, self.tasks, strict=True)):
+            evaluated = self.tasks if self.config.eval == "all" else self.tasks[: index + 1]
+            methods = {}
+            for name, merger in self.mergers.items():
+                reset_peak_memory(self.device)
+                in_use = memory_in_use(self.device)
+                started = time.perf_counter()
+                result = merger.step(reader, task=task.name, last=index == total - 1)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                merged_at = time.perf_counter()
+                peak = peak_memory_bytes(self.device)
+                heads = merger.heads()
+                accuracy = self.evaluator.evaluate(result.merged, evaluated, heads)
+                zeroshot_head = None
+                if self._reports_zeroshot_heads(merger):
+                    zeroshot_head = {t.name: self.evaluator.accuracy(t) for t in evaluated}
+                finished = time.perf_counter()
+                matrix = self._matrix(name, accuracy, index)
+                methods[name] = MethodStep(
+                    accuracy=accuracy,
+                    acc=acc(matrix),
+                    bwt=bwt(matrix),
+                    merge_seconds=merged_at - started,
+                    eval_seconds=finished - merged_at,
+                    peak_memory_bytes=peak,
+                    memory_increase_bytes=None if peak is None or in_use is None else max(0, peak - in_use),
+                    diagnostics=result.diagnostics,
+                    accuracy_zeroshot_head=zeroshot_head,
+                )
+            report = StepReport(index + 1, total, task.name, reader.source, methods)
+            self.reports.append(report)
+            yield report
+
+    @staticmethod
+    def _reports_zeroshot_heads(merger: ContinualMerger) -> bool:
+        return merger.config.get("head_tuning") == "on"
+
+    def _matrix(
+        self, method: str, latest: dict[str, float], step: int, field: str = "accuracy"
+    ) -> list[list[float | None]]:
+        """The accuracy matrix a[i][t] over the tasks seen so far, including this step."""
+        columns = [getattr(r.methods[method], field) for r in self.reports] + [latest]
+        names = [t.name for t in self.tasks[: step + 1]]
+        return [[column.get(name) for column in columns] for name in names]
+
+    def run(self) -> dict[str, Any]:
+        for _ in self.steps():
+            pass
+        return self.results()
+
+    # ------------------------------------------------------------ results
+
+    def results(self) -> dict[str, Any]:
+        """results.json: config, tasks in order, reference rows, and per method what each step gave."""
+        methods = {}
+        for name, merger in self.mergers.items():
+            steps = [r.methods[name] for r in self.reports]
+            methods[name] = {
+                "options": merger.config,
+                "accuracy": [s.accuracy for s in steps],
+                "acc": steps[-1].acc if steps else None,
+                "bwt": steps[-1].bwt if steps else None,
+                "acc_per_step": [s.acc for s in steps],
+                "bwt_per_step": [s.bwt for s in steps],
+                **self._zeroshot_head_results(name, steps),
+                "steps": [
+                    {
+                        "merge_seconds": s.merge_seconds,
+                        "eval_seconds": s.eval_seconds,
+                        "peak_memory_bytes": s.peak_memory_bytes,
+                        "memory_increase_bytes": s.memory_increase_bytes,
+                        "diagnostics": s.diagnostics,
+                    }
+                    for s in steps
+                ],
+            }
+        return {
+            "config": self.config.to_json(),
+            "tasks": [t.name for t in self.tasks],
+            "completed_steps": len(self.reports),
+            "reference": self.references,
+            "methods": methods,
+        }
+
+    def _zeroshot_head_results(self, method: str, steps: list[MethodStep]) -> dict[str, Any]:
+        """With tuned heads: the same matrix, ACC and BWT measured with the zero-shot heads."""
+        if not steps or steps[0].accuracy_zeroshot_head is None:
+            return {}
+        columns = [s.accuracy_zeroshot_head or {} for s in steps]
+        names = [t.name for t in self.tasks[: len(steps)]]
+        matrix = [[column.get(name) for column in columns] for name in names]
+        return {
+            "accuracy_zeroshot_head": columns,
+            "acc_zeroshot_head": acc(matrix),
+            "bwt_zeroshot_head": bwt(matrix),
+        }
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write results.json and, beside it, one CSV accuracy matrix per method."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        results = self.results()
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        written = [path]
+        names = results["tasks"]
+        for method, data in results["methods"].items():
+            csv_path = path.with_name(f"{path.stem}.{method}.csv")
+            with csv_path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["task"] + [f"step {i + 1}" for i in range(len(data["accuracy"]))])
+                for name in names:
+                    writer.writerow([name] + ["" if name not in c else f"{c[name]:.4f}" for c in data["accuracy"]])
+            written.append(csv_path)
+        return written
+
+
+class _BackboneEncoder:
+    """The backbone's image tower seen through the reader interface, for compatibility checks."""
+
+    def __init__(self, backbone: Backbone):
+        self.source = f"backbone {backbone.name}"
+        self._state = backbone.model.visual.state_dict()
+        self.arch = backbone.arch
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
