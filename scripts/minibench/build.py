@@ -1,0 +1,432 @@
+"""Build the embedded mini benchmark: a tiny CLIP, twelve tasks, and a fine-tuned encoder per task.
+
+    python scripts/build_mini_benchmark.py [--seed 0] [--out assets/mini]
+
+Deterministic for its seed on a given machine (torch and Pillow versions fixed). Steps:
+
+1. Draw each task's test split (500 images) and a small labelled train split (200) with the
+   generators, and write them as parquet in the Hub layout (``datasets/<task>/data/``).
+2. Pretrain a tiny CLIP (open_clip architecture, registered through its own config file)
+   contrastively with open_clip's ``ClipLoss`` on captioned "web" images: the same concepts
+   in a shifted style, with some captions naming the wrong class, as web captions do.
+3. Fine-tune the image encoder per task on freshly drawn images with the task's zero-shot
+   head frozen (the FusionBench recipe; the projection is frozen as CLIPVisionModel has
+   none), and save it in the Hugging Face CLIPVisionModel layout with a config.json.
+4. Write the task registry (``tasks.json``) and the checkpoints' provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from merging.architecture import VisionArch  # noqa: E402
+from merging.backbones import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from merging.checkpoints import save_encoder  # noqa: E402
+from scripts.minibench.generators import TASKS, TaskSpec, digit_split, draw_handwritten_digit  # noqa: E402
+
+TEST_SIZE = 500
+TRAIN_SIZE = 200
+FINETUNE_SIZE = 10000
+PRETRAIN_PER_TASK = 3000
+TASK_STYLE_IN_PRETRAINING = 0.3  # share of pretraining images drawn in the benchmark's own style
+JPEG_QUALITY = 90
+# Small steps keep task vectors a few percent of the weights, as with real CLIP fine-tunes
+# (lr 1e-5 there): in that regime merging behaves as on the real benchmark.
+FINETUNE_LR = 2e-4
+MINI_8 = (
+    "mini-land-cover",
+    "mini-house-numbers",
+    "mini-traffic-signs",
+    "mini-digits",
+    "mini-textures",
+    "mini-letters",
+    "mini-shapes",
+    "mini-colors",
+)
+MODEL_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 64,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 4, "width": 96, "head_width": 16, "mlp_ratio": 4.0, "patch_size": 8},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+GENERIC_CAPTIONS = ("{}.", "a picture of {}.", "an image showing {}.")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ data
+
+
+def drawer(spec: TaskSpec, pool: np.ndarray | None):
+    if spec.draw is draw_handwritten_digit:
+        return lambda rng, label, domain: draw_handwritten_digit(rng, label, domain, pool)
+    return spec.draw
+
+
+def draw_split(spec: TaskSpec, domain: str, size: int, seed: int, pool: np.ndarray | None = None):
+    """``size`` images with balanced, shuffled labels, from a generator seeded by ``seed``.
+
+    Every image goes through the JPEG round trip it gets when stored, so what the models
+    train on looks exactly like what the benchmark ships. In the ``web`` domain a share of
+    the images is drawn in the task's own style, as some web images resemble a benchmark.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(size) % len(spec.classnames)
+    rng.shuffle(labels)
+    draw = drawer(spec, pool)
+    images = []
+    for label in labels:
+        style = "task" if domain == "web" and rng.random() < TASK_STYLE_IN_PRETRAINING else domain
+        images.append(Image.open(io.BytesIO(jpeg(draw(rng, int(label), style)))).convert("RGB"))
+    return images, labels.astype(np.int64)
+
+
+def as_tensor(images: list[Image.Image]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def draw_task(index: int, seed: int, noise: float):
+    """All images of task ``index``: test, train, fine-tuning, and captioned pretraining images.
+
+    Every split has its own seeded generator, so the result does not depend on which worker
+    process draws it.
+    """
+    spec = TASKS[index]
+    pools = dict(zip(("test", "train"), digit_split(TEST_SIZE, seed), strict=True))
+
+    def pool(split: str):
+        return pools[split] if spec.name == "mini-digits" else None
+
+    test = draw_split(spec, "task", TEST_SIZE, seed * 1000 + index * 10 + 1, pool("test"))
+    train = draw_split(spec, "task", TRAIN_SIZE, seed * 1000 + index * 10 + 2, pool("train"))
+    tune = draw_split(spec, "task", FINETUNE_SIZE, seed * 1000 + index * 10 + 3, pool("train"))
+    web_images, web_labels = draw_split(spec, "web", PRETRAIN_PER_TASK, seed * 1000 + index * 10 + 4, pool("train"))
+    rng = np.random.default_rng(seed * 1000 + index * 10 + 5)
+    templates = spec.templates + GENERIC_CAPTIONS
+    captions = []
+    for label in web_labels:
+        named = int(rng.integers(len(spec.classnames))) if rng.random() < noise else int(label)
+        captions.append(templates[int(rng.integers(len(templates)))].format(spec.classnames[named]))
+    log(f"drew {spec.name}: {len(spec.classnames)} classes")
+    return test, train, tune, web_images, captions
+
+
+def write_parquet(path: Path, images: list[Image.Image], labels: np.ndarray, task: str, split: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images_array = pa.array(
+        [{"bytes": jpeg(im), "path": f"{task}-{split}-{i:05d}.jpg"} for i, im in enumerate(images)], type=image_type
+    )
+    table = pa.table({"image": images_array, "label": pa.array(labels, type=pa.int64())})
+    pq.write_table(table, path, compression="zstd")
+
+
+def normalise(batch: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean) / std
+
+
+# ------------------------------------------------------------------ models
+
+
+def create_model(base: Path):
+    import open_clip
+
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "open_clip_config.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    model = open_clip.create_model(f"local-dir:{base}", load_weights=False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{base}")
+    return model, tokenizer
+
+
+def pretrain(model, tokenizer, corpus: list[tuple[torch.Tensor, list[str]]], epochs: int, seed: int) -> None:
+    """Contrastive pretraining with open_clip's loss on (images, captions) of every task."""
+    from open_clip.loss import ClipLoss
+
+    images = torch.cat([x for x, _ in corpus])
+    captions = [c for _, caps in corpus for c in caps]
+    unique = sorted(set(captions))
+    tokens = tokenizer(unique)
+    caption_index = torch.tensor([unique.index(c) for c in captions]) if len(unique) < 5000 else None
+    if caption_index is None:
+        lookup = {c: i for i, c in enumerate(unique)}
+        caption_index = torch.tensor([lookup[c] for c in captions])
+    loss_fn = ClipLoss()
+    batch_size = 256
+    steps = epochs * math.ceil(len(images) / batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch_captions = caption_index[index]
+            present, inverse = torch.unique(batch_captions, return_inverse=True)
+            text = model.encode_text(tokens[present], normalize=True)[inverse]
+            image = model.encode_image(normalise(images[index]), normalize=True)
+            loss = loss_fn(image, text, model.logit_scale.exp())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            total += float(loss) * len(index)
+            step += 1
+        log(f"pretraining epoch {epoch + 1}/{epochs}: loss {total / len(images):.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def zeroshot_head(model, tokenizer, spec: TaskSpec) -> torch.Tensor:
+    rows = []
+    for name in spec.classnames:
+        embeddings = F.normalize(model.encode_text(tokenizer([t.format(name) for t in spec.templates])), dim=-1)
+        rows.append(F.normalize(embeddings.mean(0), dim=0))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def accuracy(visual, head: torch.Tensor, images: torch.Tensor, labels: np.ndarray) -> float:
+    visual.eval()
+    features = F.normalize(visual(normalise(images)), dim=-1)
+    return float(((features @ head.T).argmax(-1).numpy() == labels).mean())
+
+
+def finetune(visual, head, logit_scale: float, images: torch.Tensor, labels: np.ndarray, epochs: int, seed: int):
+    """Cross-entropy on the frozen zero-shot head; only the image tower trains, not its projection."""
+    parameters = [p for name, p in visual.named_parameters() if name != "proj"]
+    visual.proj.requires_grad_(False)
+    batch_size = 128
+    steps = epochs * math.ceil(len(images) / batch_size)
+    optimizer = torch.optim.AdamW(parameters, lr=FINETUNE_LR, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=FINETUNE_LR, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.from_numpy(labels)
+    visual.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            features = F.normalize(visual(normalise(images[index])), dim=-1)
+            loss = F.cross_entropy(logit_scale * features @ head.T, targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    visual.eval()
+
+
+# ------------------------------------------------------------------ build
+
+
+def build(
+    out: Path, seed: int, pretrain_epochs: int, finetune_epochs: int, noise: float, reuse_base: bool = False
+) -> dict:
+    """Draw the datasets, pretrain the tiny CLIP, fine-tune one image encoder per task.
+
+    ``reuse_base`` loads the base from a previous build with the same seed and recipe instead
+    of pretraining again (pretraining is deterministic for the seed, so the result is the
+    same); the report then carries the earlier build's pretraining time.
+    """
+    import copy
+
+    torch.manual_seed(seed)
+    started = time.time()
+    previous = json.loads((out / "build_report.json").read_text()) if reuse_base else None
+    with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
+        drawn = pool.starmap(draw_task, [(index, seed, noise) for index in range(len(TASKS))])
+    splits: dict[str, dict[str, tuple]] = {}
+    corpus = []
+    for spec, (test, train, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
+        corpus.append((as_tensor(web_images), captions))
+        for split, (images, labels) in (("test", test), ("train", train)):
+            write_parquet(
+                out / "datasets" / spec.name / "data" / f"{split}-00000-of-00001.parquet",
+                images,
+                labels,
+                spec.name,
+                split,
+            )
+        splits[spec.name] = {"test": (as_tensor(test[0]), test[1]), "tune": (as_tensor(tune[0]), tune[1])}
+    log(f"drew {len(TASKS)} tasks")
+    drawn_at = time.time()
+
+    from safetensors.torch import load_file, save_file
+
+    base = out / "base"
+    model, tokenizer = create_model(base)
+    if previous is not None:
+        recipe = previous.get("recipe", {})
+        if (recipe.get("seed"), recipe.get("pretrain_epochs"), recipe.get("caption_noise")) != (
+            seed,
+            pretrain_epochs,
+            noise,
+        ):
+            raise SystemExit("--reuse-base: the previous build used a different seed or pretraining recipe")
+        model.load_state_dict(load_file(str(base / "open_clip_model.safetensors")))
+        model.eval()
+        pretrain_seconds = previous["seconds"]["pretrain"]
+        log("reused the pretrained base of the previous build")
+    else:
+        pretrain(model, tokenizer, corpus, pretrain_epochs, seed)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "open_clip_model.safetensors"))
+        pretrain_seconds = time.time() - drawn_at
+    finetune_started = time.time()
+    arch = VisionArch.from_shapes(
+        {k: tuple(v.shape) for k, v in model.visual.state_dict().items()},
+        **VisionArch.hints_from_open_clip_config(MODEL_CONFIG),
+    )
+    logit_scale = float(model.logit_scale.exp())
+    report = {
+        "zero_shot": {},
+        "finetuned": {},
+        "seconds": {},
+        "recipe": {
+            "seed": seed,
+            "pretrain_epochs": pretrain_epochs,
+            "caption_noise": noise,
+            "task_style": TASK_STYLE_IN_PRETRAINING,
+            "finetune_epochs": finetune_epochs,
+            "finetune_images": FINETUNE_SIZE,
+            "finetune_lr": FINETUNE_LR,
+        },
+    }
+    for index, spec in enumerate(TASKS):
+        head = zeroshot_head(model, tokenizer, spec)
+        test_images, test_labels = splits[spec.name]["test"]
+        report["zero_shot"][spec.name] = accuracy(model.visual, head, test_images, test_labels)
+        visual = copy.deepcopy(model.visual)
+        torch.manual_seed(seed * 1000 + index)
+        tune_images, tune_labels = splits[spec.name]["tune"]
+        finetune(visual, head, logit_scale, tune_images, tune_labels, finetune_epochs, seed + index)
+        report["finetuned"][spec.name] = accuracy(visual, head, test_images, test_labels)
+        state = {k: v.detach().clone() for k, v in visual.state_dict().items() if k != "proj"}
+        save_encoder(
+            state,
+            out / "checkpoints" / spec.name,
+            "hf",
+            arch,
+            include_projection=False,
+            metadata={"merging.task": spec.name, "merging.recipe": "mini benchmark fine-tuning"},
+        )
+        log(
+            f"{spec.name}: zero-shot {report['zero_shot'][spec.name]:.3f}, "
+            f"fine-tuned {report['finetuned'][spec.name]:.3f}"
+        )
+    write_registry(out)
+    report["seconds"] = {
+        "draw": drawn_at - started,
+        "pretrain": pretrain_seconds,
+        "finetune": time.time() - finetune_started,
+        "pretrain_reused": previous is not None,
+    }
+    report["seconds"]["total"] = report["seconds"]["draw"] + pretrain_seconds + report["seconds"]["finetune"]
+    return report
+
+
+def write_registry(out: Path) -> None:
+    try:  # inside assets/ the registry uses paths relative to it, so the repository can move
+        relative = out.resolve().relative_to((ROOT / "assets").resolve())
+    except ValueError:
+        relative = out.resolve()
+    tasks = {}
+    for spec in TASKS:
+        tasks[spec.name] = {
+            "mirrors": spec.mirrors,
+            "classnames": list(spec.classnames),
+            "templates": list(spec.templates),
+            "dataset": {
+                "local": f"{relative}/datasets/{spec.name}",
+                "split": "test",
+                "train_split": "train",
+                "image_column": "image",
+                "label_column": "label",
+            },
+            "checkpoint": f"{relative}/checkpoints/{spec.name}",
+        }
+    registry = {
+        "_about": "The embedded mini benchmark (backbone 'mini'), built by scripts/build_mini_benchmark.py.",
+        "backbone": f"{relative}/base",
+        "sets": {"mini-8": list(MINI_8), "mini-12": [spec.name for spec in TASKS]},
+        "tasks": tasks,
+    }
+    (out / "tasks.json").write_text(json.dumps(registry, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "mini")
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--caption-noise", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report-only", action="store_true", help="only re-measure and rewrite README.md")
+    parser.add_argument(
+        "--reuse-base",
+        action="store_true",
+        help="skip pretraining: load the base of the previous build (same seed and pretraining recipe)",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from scripts.minibench.report import write_report
+
+    if args.report_only:
+        report = json.loads((args.out / "build_report.json").read_text())
+    else:
+        report = build(
+            args.out, args.seed, args.pretrain_epochs, args.finetune_epochs, args.caption_noise, args.reuse_base
+        )
+        (args.out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    measured = write_report(args.out, report)
+    log(f"mini-8: {json.dumps(measured['acc'])}; checks: {json.dumps(measured['checks'])}")
+    zs, ft = report["zero_shot"], report["finetuned"]
+    log(
+        f"zero-shot mean {np.mean(list(zs.values())):.3f}, fine-tuned mean {np.mean(list(ft.values())):.3f}, "
+        f"{report['seconds']['total'] / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
