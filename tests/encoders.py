@@ -64,3 +64,54 @@ def write_open_clip(state: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in to_open_clip(state).items()}, str(path))
     return path
+
+
+def toy_context(pretrained: dict[str, torch.Tensor], arch: VisionArch = TINY, images: int = 48, classes: int = 4):
+    """A MergeContext over random images for data-driven methods (OTMF) on a tiny encoder.
+
+    Each task name gets its own seeded images, labels and head, so runs are deterministic.
+    """
+    import zlib
+
+    from merging.methods import MergeContext, TaskImages
+
+    encoder = arch.build_open_clip()
+    encoder.load_state_dict(pretrained)
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+
+    def seed_of(*parts: str) -> int:
+        return zlib.crc32("|".join(parts).encode())
+
+    def task_images(task: str, split: str) -> TaskImages:
+        generator = torch.Generator().manual_seed(seed_of(task, split))
+        pixels = torch.randint(0, 256, (images, 3, arch.image_size, arch.image_size), generator=generator)
+        labels = torch.randint(0, classes, (images,), generator=generator)
+        return TaskImages(pixels.to(torch.uint8), labels)
+
+    def head(task: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed_of(task, "head"))
+        return torch.nn.functional.normalize(torch.randn(classes, arch.output_dim, generator=generator), dim=-1)
+
+    return MergeContext(
+        encoder=encoder.eval(),
+        images=task_images,
+        prepare=lambda batch: batch.float() / 127.5 - 1.0,
+        head=head,
+        logit_scale=100.0,
+    )
+
+
+# Options that keep data-driven methods quick in tests that are about streaming, not quality.
+QUICK_OPTIONS = {"otmf": {"steps": 4}}
+
+
+def ready_merger(method: str, pretrained: dict[str, torch.Tensor], options=None):
+    """A started merger of ``method``; data-driven ones get a toy context (steps then need a task)."""
+    from merging.methods import create_merger
+
+    merger = create_merger(method, QUICK_OPTIONS.get(method, {}) if options is None else options)
+    if merger.requires_data:
+        merger.attach(toy_context(pretrained))
+    merger.start(pretrained)
+    return merger

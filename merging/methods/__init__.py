@@ -9,6 +9,7 @@ from ..errors import OptionError
 from .base import ContinualMerger, MergeContext, Option, StepResult, TaskImages
 from .magmax import MagMax
 from .opcm import OPCM
+from .otmf import OTMF
 from .task_arithmetic import TaskArithmetic
 from .ties import TIES
 from .weight_average import WeightAverage
@@ -24,7 +25,7 @@ def register(cls: type[ContinualMerger]) -> type[ContinualMerger]:
     return cls
 
 
-for _cls in (OPCM, TaskArithmetic, WeightAverage, TIES, MagMax):
+for _cls in (OPCM, OTMF, TaskArithmetic, WeightAverage, TIES, MagMax):
     register(_cls)
 
 
