@@ -53,3 +53,56 @@ def run_worker(script: Path, *args: str) -> dict:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
+
+
+class TensorPeak:
+    """Peak bytes of tensor storage allocated inside a ``with`` block (CPU or GPU, exact).
+
+    Host RSS is useless for encoders of a few MiB (freed memory is reused without showing),
+    so this counts every storage that a torch operation creates inside the block, frees it
+    when the storage dies, and keeps the high-water mark. Storages that existed before the
+    block (the model, caches) are not counted: the figure is what the block adds.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                result = func(*args, **(kwargs or {}))
+                for tensor in torch.utils._pytree.tree_leaves(result):
+                    if isinstance(tensor, torch.Tensor):
+                        tracker._track(tensor)
+                return result
+
+        self._mode = _Mode()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        import weakref
+
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, size=size):
+            self._seen.discard(key)
+            self.live -= size
+
+        weakref.finalize(storage, release)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
