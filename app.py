@@ -70,7 +70,8 @@ def build_app() -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column():
-                method = gr.Dropdown(list(METHODS), value="opcm", label="Method")
+                merge_methods = [name for name, cls in METHODS.items() if not cls.requires_data]
+                method = gr.Dropdown(merge_methods, value="opcm", label="Method")
                 pretrained = gr.Textbox(label="Pretrained encoder (path)")
                 checkpoints = gr.Textbox(label="Fine-tuned checkpoints, one path per line, in merge order", lines=5)
                 options = gr.Textbox(label="Options (KEY=VALUE, comma separated)", placeholder="alpha=0.5")
