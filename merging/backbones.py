@@ -3,8 +3,9 @@
 The image tower is what gets merged; the text tower turns class names into zero-shot
 heads. ``mini`` is the embedded mini benchmark's CLIP, stored in open_clip's Hub format
 (``open_clip_config.json`` + ``open_clip_model.safetensors``) in ``assets/mini/base``;
-``local-dir:PATH`` names any folder in that format. Weights are read with safetensors,
-never unpickled.
+``local-dir:PATH`` names any folder in that format, and ``hf-hub:ORG/NAME[@REV]`` a Hub
+repository in it (only its config and safetensors weights are fetched). Weights are read
+with safetensors, never unpickled.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from .architecture import VisionArch
 from .errors import MergingError
+from .hub import HF_HUB_PREFIX, HubError, fetch, parse_hub_id
 from .tasks import ASSETS
 
 MINI = "mini"
@@ -72,13 +74,29 @@ class Backbone:
         return float(self.model.logit_scale.detach().exp())
 
 
+OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
 def backbone_directory(name: str) -> Path:
-    """The open_clip-format folder a backbone name refers to."""
+    """The open_clip-format folder a backbone name refers to (fetched from the Hub for hf-hub:)."""
     if name == MINI:
         return ASSETS / "mini" / "base"
     if name.startswith(LOCAL_DIR):
         return Path(name[len(LOCAL_DIR) :]).expanduser()
-    raise MergingError(f"unknown backbone {name!r}; available here: {MINI}, {LOCAL_DIR}PATH")
+    if name.startswith(HF_HUB_PREFIX):
+        ref = parse_hub_id(name)
+
+        def choose(files: list[str]) -> list[str]:
+            missing = [f for f in OPEN_CLIP_FILES if f not in files]
+            if missing:
+                raise HubError(
+                    f"backbone {name}: the repository lacks {missing[0]} (an open_clip Hub model has both "
+                    f"{' and '.join(OPEN_CLIP_FILES)})"
+                )
+            return list(OPEN_CLIP_FILES)
+
+        return fetch(ref, choose, OPEN_CLIP_FILES)
+    raise MergingError(f"unknown backbone {name!r}; available: {MINI}, {HF_HUB_PREFIX}ORG/NAME, {LOCAL_DIR}PATH")
 
 
 @lru_cache(maxsize=4)
@@ -95,6 +113,8 @@ def load_backbone(name: str) -> Backbone:
             f"backbone {name}: {directory} lacks open_clip_config.json or open_clip_model.safetensors{hint}"
         )
     config = json.loads(config_path.read_text())
+    if config.get("model_cfg") is None:
+        raise MergingError(f"backbone {name}: {config_path} has no model_cfg")
     model = open_clip.create_model(f"{LOCAL_DIR}{directory}", load_weights=False)
     try:
         state = load_file(str(weights_path))

@@ -249,8 +249,17 @@ class EncoderReader(Mapping[str, Tensor]):
 
 
 def open_encoder(source: str | Path, allow_pickle: bool = False) -> EncoderReader:
-    """Recognise a checkpoint's layout and architecture from its header; read no weights yet."""
-    resolved = resolve_source(source)
+    """Recognise a checkpoint's layout and architecture from its header; read no weights yet.
+
+    ``source`` is a local file or folder, or a Hub repository id (``org/name[@revision]``,
+    optionally ``hf-hub:``-prefixed), of which only the configs and weights are fetched.
+    """
+    from dataclasses import replace
+
+    from .hub import model_folder
+
+    folder = model_folder(str(source), allow_pickle)
+    resolved = resolve_source(source) if folder is None else replace(resolve_source(folder), source=str(source))
     files = TensorFiles(resolved, allow_pickle=allow_pickle)
     layout = detect_layout(files.keys())
     recipes = canonical_recipes(layout, files.keys())

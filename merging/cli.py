@@ -53,15 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained",
         required=True,
         metavar="SRC",
-        help="pretrained encoder: a checkpoint directory or a .safetensors file "
-        "(open_clip or Hugging Face CLIP layout)",
+        help="pretrained encoder: a checkpoint directory, a .safetensors file or a Hub repository id "
+        "ORG/NAME[@REV] (open_clip or Hugging Face CLIP layout)",
     )
     merge.add_argument(
         "--checkpoint",
         action="append",
         default=[],
         metavar="SRC",
-        help="a fine-tuned encoder; repeat the flag, in merge order",
+        help="a fine-tuned encoder (path or Hub id, as for --pretrained); repeat the flag, in merge order",
     )
     merge.add_argument(
         "--out",

@@ -22,7 +22,11 @@ def add_run_parser(commands) -> None:
         "(or all tasks), and write results.json with a CSV accuracy matrix per method beside it.",
     )
     run.add_argument("--config", metavar="RESULTS.json", help="replay the run recorded in a results file")
-    run.add_argument("--backbone", default="mini", help="backbone: mini (default) or local-dir:PATH")
+    run.add_argument(
+        "--backbone",
+        default="mini",
+        help="backbone: mini (default), hf-hub:ORG/NAME[@REV] (open_clip format) or local-dir:PATH",
+    )
     run.add_argument("--preset", metavar="NAME", help="a preset checkpoint list, e.g. mini-8 or mini-12")
     run.add_argument(
         "--checkpoint",

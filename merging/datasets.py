@@ -52,8 +52,19 @@ class ImageSet:
 
 
 def parquet_files(task: Task, split: str) -> list[Path]:
-    """The parquet files of a local dataset split; raises naming the task when there are none."""
-    root = task.dataset.path
+    """The parquet files of a dataset split, local or on the Hub (only that split is fetched).
+
+    Raises naming the task (and the dataset id) when there are none.
+    """
+    if not task.dataset.is_local:
+        from .hub import HubError, dataset_folder
+
+        try:
+            root = dataset_folder(task.dataset.location, split, task.dataset.config)
+        except HubError as exc:
+            raise MergingError(f"dataset of task {task.name}: {exc}") from None
+    else:
+        root = task.dataset.path
     if not root.is_dir():
         raise MergingError(f"dataset of task {task.name} not found: {root} is not a folder")
     patterns = [f"**/{split}-*.parquet", f"**/{split}.parquet", f"**/{split}/*.parquet"]

@@ -178,14 +178,13 @@ class ContinualRun:
         self._references: dict[str, dict[str, float]] | None = None
 
     def _check_dataset(self, task: Task, spec: CheckpointSpec) -> None:
-        if not task.dataset.is_local:
-            raise MergingError(
-                f"task {task.name} (checkpoint {spec.source}) is evaluated on the Hub dataset "
-                f"{task.dataset.location}, which is not available offline here"
-            )
+        """Find (and, from the Hub, fetch) the test split before any step runs."""
         from .datasets import parquet_files
 
-        parquet_files(task, task.dataset.split)
+        try:
+            parquet_files(task, task.dataset.split)
+        except MergingError as exc:
+            raise MergingError(f"{exc} (needed for checkpoint {spec.source})") from None
 
     def _check_train_split(self, task: Task, spec: CheckpointSpec) -> None:
         from .datasets import parquet_files

@@ -10,6 +10,7 @@ dataset: a Hub id or a local folder, the split evaluated, and the image and labe
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -103,10 +104,17 @@ def parse_registry(data: dict[str, Any]) -> TaskRegistry:
 
 @lru_cache(maxsize=1)
 def registry() -> TaskRegistry:
-    """Every registered task and preset (the files that exist are merged)."""
+    """Every registered task and preset (the files that exist are merged).
+
+    ``MERGING_REGISTRY`` adds registry files of your own (``os.pathsep``-separated), in the
+    same JSON format; their entries override the built-in ones of the same name.
+    """
     tasks: dict[str, Task] = {}
     sets: dict[str, tuple[str, ...]] = {}
-    for path in REGISTRY_FILES:
+    extra = [Path(p) for p in os.environ.get("MERGING_REGISTRY", "").split(os.pathsep) if p]
+    for path in (*REGISTRY_FILES, *extra):
+        if path in extra and not path.is_file():
+            raise MergingError(f"MERGING_REGISTRY names {path}, which is not a file")
         if path.is_file():
             part = parse_registry(json.loads(path.read_text()))
             tasks.update(part.tasks)

@@ -163,11 +163,19 @@ def test_papers_shuffle_protocol():
     assert shuffled(specs, 42) == expected and shuffled(specs, None) == specs
 
 
-def test_bad_runs_are_refused_with_a_clear_message(tmp_path, mini_three):
+def test_bad_runs_are_refused_with_a_clear_message(tmp_path, mini_three, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MergingError, match="no fine-tuned checkpoints"):
         ContinualRun(config_for([]), cache_dir=tmp_path)
     hub_task = [CheckpointSpec(mini_three[0].source, "sun397")]
-    with pytest.raises(MergingError, match="Hub dataset tanganke/sun397, which is not available offline"):
+    with pytest.raises(
+        MergingError,
+        match=r"dataset of task sun397: dataset tanganke/sun397 is not in the local Hub cache and offline mode .* "
+        r"\(needed for checkpoint .*mini-land-cover\)",
+    ):
         ContinualRun(config_for(hub_task), cache_dir=tmp_path)
     with pytest.raises(MergingError, match="unknown task 'nope'"):
         ContinualRun(config_for([CheckpointSpec(mini_three[0].source, "nope")]), cache_dir=tmp_path)
