@@ -96,15 +96,84 @@ def backbone_directory(name: str) -> Path:
             return list(OPEN_CLIP_FILES)
 
         return fetch(ref, choose, OPEN_CLIP_FILES)
-    raise MergingError(f"unknown backbone {name!r}; available: {MINI}, {HF_HUB_PREFIX}ORG/NAME, {LOCAL_DIR}PATH")
+    raise MergingError(
+        f"unknown backbone {name!r}; available: {', '.join(backbone_choices())}, {HF_HUB_PREFIX}ORG/NAME (open_clip "
+        f"format), {TRANSFORMERS_PREFIX}ORG/NAME (a transformers CLIPModel), {LOCAL_DIR}PATH"
+    )
+
+
+@dataclass(frozen=True)
+class OpenAIBackbone:
+    """A CLIP with OpenAI's weights: its open_clip model name, the Hub repositories that hold
+    it (open_clip weights on timm's repository, the transformers model on openai's) and the
+    name FusionBench gives its fine-tuned checkpoints (``tanganke/<family>_<task>``)."""
+
+    open_clip_name: str
+    open_clip_repo: str
+    transformers_repo: str
+    family: str
+
+
+OPENAI_BACKBONES = {
+    "ViT-B-32": OpenAIBackbone(
+        "ViT-B-32", "timm/vit_base_patch32_clip_224.openai", "openai/clip-vit-base-patch32", "clip-vit-base-patch32"
+    ),
+    "ViT-B-16": OpenAIBackbone(
+        "ViT-B-16", "timm/vit_base_patch16_clip_224.openai", "openai/clip-vit-base-patch16", "clip-vit-base-patch16"
+    ),
+    "ViT-L-14": OpenAIBackbone(
+        "ViT-L-14", "timm/vit_large_patch14_clip_224.openai", "openai/clip-vit-large-patch14", "clip-vit-large-patch14"
+    ),
+}
+
+
+def openai_backbone(name: str) -> OpenAIBackbone | None:
+    """The OpenAI CLIP a backbone name means: ``ViT-B-32`` (open_clip) or ``openai/clip-vit-base-patch32``."""
+    if name in OPENAI_BACKBONES:
+        return OPENAI_BACKBONES[name]
+    bare = name[len(HF_HUB_PREFIX) :] if name.startswith(HF_HUB_PREFIX) else name
+    return next((b for b in OPENAI_BACKBONES.values() if bare.split("@")[0] == b.transformers_repo), None)
+
+
+def checkpoint_family(backbone: str) -> str | None:
+    """FusionBench's name for fine-tunes of this backbone (``clip-vit-base-patch32``), if it has one."""
+    spec = openai_backbone(backbone)
+    return None if spec is None else spec.family
+
+
+def backbone_choices() -> list[str]:
+    return [MINI, *OPENAI_BACKBONES, *(b.transformers_repo for b in OPENAI_BACKBONES.values())]
 
 
 @lru_cache(maxsize=4)
 def load_backbone(name: str) -> Backbone:
-    """Load a backbone once per process (it is shared by every run that names it)."""
+    """Load a backbone once per process (it is shared by every run that names it).
+
+    ``mini``, ``local-dir:PATH`` and ``hf-hub:ORG/NAME`` are open_clip-format folders;
+    ``ViT-B-32``/``ViT-B-16``/``ViT-L-14`` are open_clip's models with OpenAI's weights
+    (QuickGELU); ``openai/clip-vit-*`` are the transformers repositories, converted to
+    open_clip with their text towers, so that task vectors of checkpoints fine-tuned from
+    them are taken against exactly that base.
+    """
+    if name in OPENAI_BACKBONES:
+        return _load_openai_open_clip(name, OPENAI_BACKBONES[name])
+    spec = openai_backbone(name)
+    if spec is not None or _is_transformers_clip(name):
+        return _load_transformers(name, spec)
+    return _load_open_clip_folder(name, backbone_directory(name))
+
+
+def _is_transformers_clip(name: str) -> bool:
+    """``hf-hub:`` names of transformers repositories are given as ``transformers:ORG/NAME``."""
+    return name.startswith(TRANSFORMERS_PREFIX)
+
+
+TRANSFORMERS_PREFIX = "transformers:"
+
+
+def _load_open_clip_folder(name: str, directory: Path) -> Backbone:
     import open_clip
 
-    directory = backbone_directory(name)
     config_path = directory / "open_clip_config.json"
     weights_path = directory / "open_clip_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -116,16 +185,86 @@ def load_backbone(name: str) -> Backbone:
     if config.get("model_cfg") is None:
         raise MergingError(f"backbone {name}: {config_path} has no model_cfg")
     model = open_clip.create_model(f"{LOCAL_DIR}{directory}", load_weights=False)
+    tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{directory}")
+    return _assemble(name, model, tokenizer, config, weights_path, _read_weights(name, weights_path))
+
+
+def _load_openai_open_clip(name: str, spec: OpenAIBackbone) -> Backbone:
+    """open_clip's architecture (QuickGELU) with OpenAI's weights from timm's Hub repository."""
+    import open_clip
+
+    ref = parse_hub_id(HF_HUB_PREFIX + spec.open_clip_repo)
+
+    def choose(files: list[str]) -> list[str]:
+        if "open_clip_model.safetensors" not in files:
+            raise HubError(f"backbone {name}: {spec.open_clip_repo} has no open_clip_model.safetensors")
+        return ["open_clip_model.safetensors"]
+
+    weights_path = fetch(ref, choose, ("open_clip_model.safetensors",)) / "open_clip_model.safetensors"
+    model_cfg = dict(open_clip.get_model_config(spec.open_clip_name) or {})
+    if not model_cfg:
+        raise MergingError(f"backbone {name}: open_clip has no model config {spec.open_clip_name}")
+    model_cfg["quick_gelu"] = True
+    pretrained = open_clip.get_pretrained_cfg(spec.open_clip_name, "openai") or {}
+    preprocess_cfg = {k: pretrained[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    model = open_clip.create_model(spec.open_clip_name, force_quick_gelu=True, load_weights=False)
+    tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
+    return _assemble(name, model, tokenizer, config, weights_path, _read_weights(name, weights_path))
+
+
+def _load_transformers(name: str, spec: OpenAIBackbone | None) -> Backbone:
+    """A transformers CLIPModel repository (config.json + model.safetensors), converted to open_clip."""
+    import open_clip
+
+    from .clip_conversion import clip_model_config, hf_clip_to_open_clip
+    from .hub import choose_model_files
+
+    if spec is not None:
+        repo = spec.transformers_repo
+        revision = name.split("@", 1)[1] if "@" in name else None
+    else:
+        repo, _, revision = name[len(TRANSFORMERS_PREFIX) :].partition("@")
+    if Path(repo).expanduser().is_dir():  # a local copy of such a repository
+        folder = Path(repo).expanduser()
+    else:
+        ref = parse_hub_id(HF_HUB_PREFIX + repo + (f"@{revision}" if revision else ""))
+        folder = fetch(ref, lambda files: choose_model_files(files, source=str(ref)))
+    hf_config = json.loads((folder / "config.json").read_text())
+    if hf_config.get("model_type") != "clip" or "text_config" not in hf_config:
+        raise MergingError(
+            f"backbone {name}: {repo} is not a transformers CLIPModel with a text tower "
+            f"(model_type {hf_config.get('model_type')!r})"
+        )
+    weights_path = folder / "model.safetensors"
+    if not weights_path.is_file():
+        raise MergingError(f"backbone {name}: {repo} has no model.safetensors")
+    model_cfg = clip_model_config(hf_config)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {}}
+    model = open_clip.model.CLIP(
+        **{k: v for k, v in model_cfg.items() if k != "quick_gelu"}, quick_gelu=model_cfg["quick_gelu"]
+    )
+    state = hf_clip_to_open_clip(_read_weights(name, weights_path), hf_config)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
+    return _assemble(name, model, tokenizer, config, weights_path, state)
+
+
+def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = load_file(str(weights_path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise MergingError(f"backbone {name}: cannot read {weights_path}: {exc}") from None
+        raise MergingError(f"backbone {name}: cannot read {path}: {exc}") from None
+
+
+def _assemble(
+    name: str, model: nn.Module, tokenizer: Any, config: dict, weights_path: Path, state: dict[str, torch.Tensor]
+) -> Backbone:
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "attn_mask"]
     if missing or unexpected:
         first = (missing or unexpected)[0]
-        raise MergingError(f"backbone {name}: weights do not match open_clip_config.json (at {first})")
+        raise MergingError(f"backbone {name}: weights do not match the model's configuration (at {first})")
     model.eval()
-    tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{directory}")
     pre = config.get("preprocess_cfg", {})
     size = config["model_cfg"]["vision_cfg"]["image_size"]
     preprocess = Preprocess(
@@ -139,4 +278,4 @@ def load_backbone(name: str) -> Backbone:
     fingerprint = hashlib.sha1(
         f"{name}|{weights_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
     ).hexdigest()
-    return Backbone(name, model, tokenizer, preprocess, fingerprint[:16], directory, config)
+    return Backbone(name, model, tokenizer, preprocess, fingerprint[:16], weights_path.parent, config)

@@ -25,9 +25,16 @@ def add_run_parser(commands) -> None:
     run.add_argument(
         "--backbone",
         default="mini",
-        help="backbone: mini (default), hf-hub:ORG/NAME[@REV] (open_clip format) or local-dir:PATH",
+        help="mini (default); ViT-B-32, ViT-B-16, ViT-L-14 (open_clip, OpenAI weights); openai/clip-vit-base-patch32 "
+        "and the other transformers repositories (converted with their text towers); hf-hub:ORG/NAME[@REV] "
+        "(open_clip format); transformers:ORG/NAME; local-dir:PATH",
     )
-    run.add_argument("--preset", metavar="NAME", help="a preset checkpoint list, e.g. mini-8 or mini-12")
+    run.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a preset checkpoint list: mini-8, mini-12 (mini backbone), or TA8, TALL14, TALL20 (FusionBench's "
+        "tanganke/<family>_<task> fine-tunes of the chosen OpenAI backbone)",
+    )
     run.add_argument(
         "--checkpoint",
         action="append",
@@ -108,7 +115,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         return RunConfig.from_json(data.get("config", data))
     if bool(args.preset) == bool(args.checkpoint):
         raise MergingError("give either --preset NAME or --checkpoint SRC (one or more), not both or neither")
-    checkpoints = preset_checkpoints(args.preset) if args.preset else [parse_checkpoint(c) for c in args.checkpoint]
+    if args.preset:
+        checkpoints = preset_checkpoints(args.preset, backbone=args.backbone)
+    else:
+        checkpoints = [parse_checkpoint(c) for c in args.checkpoint]
     return RunConfig(
         backbone=args.backbone,
         checkpoints=shuffled(checkpoints, args.order_seed),

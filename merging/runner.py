@@ -72,15 +72,34 @@ class RunConfig:
         return cls(**values)
 
 
-def preset_checkpoints(preset: str, tasks: TaskRegistry | None = None) -> list[CheckpointSpec]:
-    """The checkpoints of a preset (such as ``mini-8``), in the preset's order."""
+FUSIONBENCH_ORG = "tanganke"
+
+
+def preset_checkpoints(
+    preset: str, tasks: TaskRegistry | None = None, backbone: str | None = None
+) -> list[CheckpointSpec]:
+    """The checkpoints of a preset, in the preset's order.
+
+    Mini presets name their checkpoints in the registry; the standard ones (TA8, TALL14,
+    TALL20) are FusionBench's fine-tunes on the Hub, ``tanganke/<family>_<task>``, for the
+    backbone's family (``clip-vit-base-patch32`` for ViT-B-32 or openai/clip-vit-base-patch32).
+    """
+    from .backbones import checkpoint_family
+
     tasks = tasks or registry()
     specs = []
     for name in tasks.task_set(preset):
         task = tasks.get(name)
-        if task.checkpoint_path is None:
-            raise MergingError(f"preset {preset}: task {name} has no checkpoint registered")
-        specs.append(CheckpointSpec(str(task.checkpoint_path), name))
+        if task.checkpoint_path is not None:
+            specs.append(CheckpointSpec(str(task.checkpoint_path), name))
+            continue
+        family = checkpoint_family(backbone) if backbone else None
+        if family is None:
+            raise MergingError(
+                f"preset {preset} has Hub checkpoints only for the OpenAI CLIP backbones (ViT-B-32, ViT-B-16, "
+                f"ViT-L-14 or openai/clip-vit-*), not for backbone {backbone or '(none given)'}"
+            )
+        specs.append(CheckpointSpec(f"{FUSIONBENCH_ORG}/{family}_{name}", name))
     return specs
 
 

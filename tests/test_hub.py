@@ -132,7 +132,7 @@ def test_cli_merge_and_run_accept_hub_ids(hub, tmp_path, capsys):
         )
         == 2
     )
-    assert "has no checkpoint registered" in capsys.readouterr().err
+    assert "preset hub-mini-3 has Hub checkpoints only for the OpenAI CLIP backbones" in capsys.readouterr().err
     args = [
         "run",
         "--backbone",
@@ -246,7 +246,11 @@ def test_the_size_cap_is_checked_before_anything_is_downloaded(monkeypatch):
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(MergingError, match="unknown backbone 'vit-tiny'; available: mini, hf-hub:ORG/NAME"):
+    with pytest.raises(
+        MergingError,
+        match=r"unknown backbone .vit-tiny.; available: mini, ViT-B-32, ViT-B-16, ViT-L-14, "
+        r"openai/clip-vit-base-patch32, .*hf-hub:ORG/NAME",
+    ):
         load_backbone("vit-tiny")
 
 
