@@ -213,3 +213,42 @@ def dataset_folder(repo: str, split: str, config: str | None = None) -> Path:
         return chosen
 
     return fetch(ref, choose, patterns)
+
+
+# ------------------------------------------------------------ search
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def search_checkpoints(search: str, author: str | None = None, limit: int = 50, timeout: float = 2.0) -> list[str]:
+    """Repository ids of models matching ``search`` (e.g. ``clip-vit-base-patch32``), most downloaded first.
+
+    A convenience for choosing checkpoints: offline, or when the Hub does not accept a
+    connection within ``timeout`` seconds, it returns an empty list at once instead of
+    raising or retrying.
+    """
+    if is_offline() or not hub_reachable(timeout):
+        return []
+    from huggingface_hub import HfApi
+
+    try:
+        models = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).list_models(
+            search=search, author=author, limit=limit, sort="downloads"
+        )
+        return [m.id for m in models]
+    except Exception:  # rate-limited or refused: searching is optional
+        return []

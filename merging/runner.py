@@ -90,6 +90,9 @@ def preset_checkpoints(
     specs = []
     for name in tasks.task_set(preset):
         task = tasks.get(name)
+        if task.checkpoint_is_hub_id:
+            specs.append(CheckpointSpec(task.checkpoint, name))
+            continue
         if task.checkpoint_path is not None:
             specs.append(CheckpointSpec(str(task.checkpoint_path), name))
             continue

@@ -53,10 +53,16 @@ class Task:
 
     @property
     def checkpoint_path(self) -> Path | None:
-        if self.checkpoint is None:
+        """The registered checkpoint as a local path (relative ones are under ``assets/``)."""
+        if self.checkpoint is None or self.checkpoint_is_hub_id:
             return None
         path = Path(self.checkpoint)
         return path if path.is_absolute() else ASSETS / path
+
+    @property
+    def checkpoint_is_hub_id(self) -> bool:
+        """A registered checkpoint written ``hf-hub:ORG/NAME[@REV]`` lives on the Hub."""
+        return self.checkpoint is not None and self.checkpoint.startswith("hf-hub:")
 
 
 @dataclass(frozen=True)

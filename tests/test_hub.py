@@ -41,7 +41,7 @@ def hub(tmp_path, monkeypatch):
         add_folder(cache, f"testorg/{task}", MINI / "datasets" / task, repo_type="dataset")
         entry = dict(mini_tasks[task])
         entry["dataset"] = {k: v for k, v in entry["dataset"].items() if k != "local"} | {"hub": f"testorg/{task}"}
-        entry.pop("checkpoint", None)
+        entry["checkpoint"] = f"hf-hub:testorg/clip-mini_hub-{task}"
         extra["tasks"][f"hub-{task}"] = entry
     registry_file = tmp_path / "hub-tasks.json"
     registry_file.write_text(json.dumps(extra))
@@ -112,44 +112,13 @@ def test_cli_merge_and_run_accept_hub_ids(hub, tmp_path, capsys):
     merged, expected = load_encoder(out), load_encoder(local)
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
     results = tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "run",
-                "--backbone",
-                "hf-hub:testorg/mini-clip",
-                "--preset",
-                "hub-mini-3",
-                "--method",
-                "opcm",
-                "--samples",
-                "32",
-                "--device",
-                "cpu",
-                "--out",
-                str(results),
-            ]
-        )
-        == 2
-    )
-    assert "preset hub-mini-3 has Hub checkpoints only for the OpenAI CLIP backbones" in capsys.readouterr().err
-    args = [
-        "run",
-        "--backbone",
-        "hf-hub:testorg/mini-clip",
-        "--method",
-        "opcm",
-        "--samples",
-        "32",
-        "--device",
-        "cpu",
-        "--out",
-        str(results),
+    args = ["run", "--backbone", "hf-hub:testorg/mini-clip", "--preset", "hub-mini-3", "--method", "opcm"]
+    assert main([*args, "--samples", "32", "--device", "cpu", "--out", str(results)]) == 0
+    recorded = json.loads(results.read_text())
+    assert recorded["tasks"] == [f"hub-{t}" for t in TASKS]
+    assert [c["source"] for c in recorded["config"]["checkpoints"]] == [
+        f"hf-hub:testorg/clip-mini_hub-{t}" for t in TASKS
     ]
-    for task in TASKS:
-        args += ["--checkpoint", f"testorg/clip-mini_hub-{task}"]
-    assert main(args) == 0
-    assert json.loads(results.read_text())["tasks"] == [f"hub-{t}" for t in TASKS]
 
 
 def test_uncached_ids_offline_fail_at_once_naming_the_id(hub, tmp_path):
@@ -260,3 +229,35 @@ def test_hub_test_cache_layout_is_what_huggingface_hub_reads(hub):
     repos = {(r.repo_id, r.repo_type) for r in scan_cache_dir(hub).repos}
     assert ("testorg/mini-clip", "model") in repos and (f"testorg/{TASKS[0]}", "dataset") in repos
     assert Path(hub, "models--testorg--mini-clip", "refs", "main").read_text()
+
+
+def test_checkpoint_search_is_quiet_and_fast_without_the_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    from merging.hub import search_checkpoints
+
+    started = time.perf_counter()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert search_checkpoints("clip-vit-base-patch32", author="tanganke") == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert search_checkpoints("clip-vit-base-patch32", author="tanganke", timeout=3) == []
+    assert time.perf_counter() - started < 4
+
+
+def test_hub_refusals_are_translated_into_one_line_naming_the_id():
+    from unittest.mock import Mock
+
+    from huggingface_hub import errors
+
+    from merging.hub import HubRef, _translate
+
+    response = Mock(status_code=404, headers={}, url="https://huggingface.co/api/models/org/x")
+    ref = HubRef("org/x", "v1")
+    not_found = _translate(ref, errors.RepositoryNotFoundError("404", response=response))
+    assert str(not_found) == "repository org/x@v1 not found on the Hub (or private: set HF_TOKEN)"
+    gated = _translate(ref, errors.GatedRepoError("403", response=response))
+    assert "is gated: accept its terms on the Hub and set HF_TOKEN" in str(gated)
+    revision = _translate(ref, errors.RevisionNotFoundError("404", response=response))
+    assert str(revision) == "repository org/x@v1: revision 'v1' not found"
