@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -75,6 +76,25 @@ class Backbone:
 
 
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" when a model is
+    created empty, which is how every backbone here starts before its weights are loaded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_open_clip(*args: Any, **kwargs: Any) -> nn.Module:
+    import open_clip
+
+    quiet = _QuietRandomInit()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(*args, **kwargs)
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def backbone_directory(name: str) -> Path:
@@ -184,7 +204,7 @@ def _load_open_clip_folder(name: str, directory: Path) -> Backbone:
     config = json.loads(config_path.read_text())
     if config.get("model_cfg") is None:
         raise MergingError(f"backbone {name}: {config_path} has no model_cfg")
-    model = open_clip.create_model(f"{LOCAL_DIR}{directory}", load_weights=False)
+    model = _create_open_clip(f"{LOCAL_DIR}{directory}", load_weights=False)
     tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{directory}")
     return _assemble(name, model, tokenizer, config, weights_path, _read_weights(name, weights_path))
 
@@ -208,7 +228,7 @@ def _load_openai_open_clip(name: str, spec: OpenAIBackbone) -> Backbone:
     pretrained = open_clip.get_pretrained_cfg(spec.open_clip_name, "openai") or {}
     preprocess_cfg = {k: pretrained[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained}
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    model = open_clip.create_model(spec.open_clip_name, force_quick_gelu=True, load_weights=False)
+    model = _create_open_clip(spec.open_clip_name, force_quick_gelu=True, load_weights=False)
     tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
     return _assemble(name, model, tokenizer, config, weights_path, _read_weights(name, weights_path))
 

@@ -261,3 +261,21 @@ def test_hub_refusals_are_translated_into_one_line_naming_the_id():
     assert "is gated: accept its terms on the Hub and set HF_TOKEN" in str(gated)
     revision = _translate(ref, errors.RevisionNotFoundError("404", response=response))
     assert str(revision) == "repository org/x@v1: revision 'v1' not found"
+
+
+def test_a_checkpoint_of_another_architecture_is_named_with_the_difference(hub, tmp_path):
+    from .encoders import random_encoder, write_hf
+
+    other = write_hf({k: v for k, v in random_encoder().items() if k != "proj"}, tmp_path / "tiny")
+    add_folder(hub, "testorg/clip-tiny_hub-mini-land-cover", other)
+    config = RunConfig(
+        "hf-hub:testorg/mini-clip",
+        [parse_checkpoint("testorg/clip-tiny_hub-mini-land-cover")],
+        {"opcm": {}},
+        samples=16,
+        device="cpu",
+    )
+    with pytest.raises(
+        MergingError, match=r"testorg/clip-tiny_hub-mini-land-cover .*\(a different architecture: width 32 vs 96"
+    ):
+        ContinualRun(config)
