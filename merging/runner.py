@@ -339,8 +339,12 @@ class ContinualRun:
 
     # ------------------------------------------------------------ results
 
-    def results(self) -> dict[str, Any]:
-        """results.json: config, tasks in order, reference rows, and per method what each step gave."""
+    def results(self, references: bool = True) -> dict[str, Any]:
+        """results.json: config, tasks in order, reference rows, and per method what each step gave.
+
+        ``references=False`` leaves the reference rows out unless they are already known
+        (they cost an evaluation of every checkpoint the first time).
+        """
         methods = {}
         for name, merger in self.mergers.items():
             steps = [r.methods[name] for r in self.reports]
@@ -367,7 +371,7 @@ class ContinualRun:
             "config": self.config.to_json(),
             "tasks": [t.name for t in self.tasks],
             "completed_steps": len(self.reports),
-            "reference": self.references,
+            "reference": self.references if references or self._references is not None else {},
             "methods": methods,
         }
 

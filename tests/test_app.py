@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import gradio as gr
 import pytest
 
 import app
+from merging import lab
 from merging.checkpoints import load_encoder
+from merging.methods import METHODS
+from merging.runner import ContinualRun, RunConfig, preset_checkpoints
 
 
 def test_merge_handler_streams_one_update_per_step(tmp_path, checkpoint_dirs):
@@ -32,3 +38,194 @@ def test_page_builds_and_lists_every_method():
     text = app.methods_markdown()
     for name in ("opcm", "task_arithmetic", "weight_average", "ties", "magmax"):
         assert f"`{name}`" in text
+
+
+# ---------------------------------------------------------------- the continual lab's handlers
+
+
+OPTION_DEFAULTS = [o.default for cls in METHODS.values() for o in cls.options]
+SAMPLES = 48
+
+
+def lab_inputs(methods=("opcm",), checkpoints=None, samples=SAMPLES, options=None):
+    text = lab.preset_text("mini-8", "mini") if checkpoints is None else checkpoints
+    return ["mini", "mini-8", text, list(methods), samples, "seen", "cpu", None, "hf", *(options or OPTION_DEFAULTS)]
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGING_CACHE", str(tmp_path / "cache"))
+
+
+def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
+    updates = list(app.run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
+    # two updates before the first step (checkpoints found; reference rows ready), then one per step
+    assert len(updates) == 2 + 8 and [u[0].startswith("Step ") for u in updates] == [False] * 2 + [True] * 8
+    status, heatmap, lines, curves, table, files, results, _ = updates[-1]
+    assert status.startswith("Step 8/8") and "Done in" in status
+    assert updates[1][1] is None and updates[2][1] is not None  # the matrix appears with the first step
+    assert updates[0][4] == [] and updates[1][4][0][0] == "pretrained"  # reference rows before any step
+    assert len(heatmap.data[0].z) == 8 and len(curves.data) == 8 and len(lines.data) >= 4
+    assert [row[0] for row in table] == ["pretrained", "finetuned", "opcm", "task_arithmetic"]
+    direct = ContinualRun(
+        RunConfig(
+            checkpoints=preset_checkpoints("mini-8"),
+            methods={"opcm": {}, "task_arithmetic": {}},
+            samples=SAMPLES,
+            device="cpu",
+            preset="mini-8",
+        )
+    ).run()
+    for name in ("opcm", "task_arithmetic"):
+        assert results["methods"][name]["accuracy"] == direct["methods"][name]["accuracy"]
+    names = {Path(f).name for f in files}
+    assert names >= {"results.json", "results.opcm.csv", "config.json", "merged-opcm.safetensors"}
+
+
+def test_the_downloaded_config_replays_with_the_command_line(private_cache, tmp_path):
+    from merging.cli import main
+
+    *_, files, results, _ = list(app.run_lab(*lab_inputs(checkpoints=lab.preset_text("mini-8", "mini"))))[-1]
+    config = next(f for f in files if f.endswith("config.json"))
+    assert main(["run", "--config", config, "--out", str(tmp_path / "replay.json")]) == 0
+    replay = json.loads((tmp_path / "replay.json").read_text())
+    assert replay["methods"]["opcm"]["accuracy"] == results["methods"]["opcm"]["accuracy"]
+    merged = load_encoder(next(f for f in files if f.endswith("merged-opcm.safetensors")))
+    assert "conv1.weight" in merged
+
+
+def test_stopping_keeps_what_was_computed(private_cache):
+    stream = app.run_lab(*lab_inputs())
+    updates = [next(stream) for _ in range(5)]  # checkpoints, references, then three steps
+    stream.close()  # what Gradio does when Stop cancels the event
+    *_, files, results, _ = updates[-1]
+    saved = json.loads(Path(next(f for f in files if f.endswith("results.json"))).read_text())
+    assert saved["completed_steps"] == 3 == len(results["methods"]["opcm"]["accuracy"])
+
+
+def test_options_and_bad_requests(private_cache):
+    values = list(OPTION_DEFAULTS)
+    alpha = next(i for i, (m, o) in enumerate(lab.option_fields()) if (m, o) == ("opcm", "alpha"))
+    values[alpha] = 0.7
+    assert lab.options_from_values(["opcm", "ties"], values) == {"opcm": {"alpha": 0.7}, "ties": {}}
+    with pytest.raises(gr.Error, match="the checkpoint list is empty"):
+        list(app.run_lab(*lab_inputs(checkpoints="")))
+    with pytest.raises(gr.Error, match="choose at least one method"):
+        list(app.run_lab(*lab_inputs(methods=())))
+    with pytest.raises(gr.Error, match="cannot tell which task checkpoint /nowhere/model was fine-tuned on"):
+        list(app.run_lab(*lab_inputs(checkpoints="/nowhere/model")))
+    values[alpha] = 1.5
+    with pytest.raises(gr.Error, match=r"opcm option alpha=1.5 is out of range"):
+        list(app.run_lab(*lab_inputs(options=values)))
+    with pytest.raises(gr.Error, match="preset TA8 has Hub checkpoints only for the OpenAI CLIP backbones"):
+        app.preset_list("TA8", "mini")
+
+
+def test_editing_the_checkpoint_list():
+    text = lab.preset_text("mini-8", "mini")
+    specs = lab.parse_checkpoint_lines(text)
+    moved = lab.parse_checkpoint_lines(app.edit_list(text, "down", 1, ""))
+    assert [s.task for s in moved[:2]] == [specs[1].task, specs[0].task]
+    up = lab.parse_checkpoint_lines(app.edit_list(text, "up", 1, ""))
+    assert up == specs  # the first row cannot move up
+    removed = lab.parse_checkpoint_lines(app.edit_list(text, "remove", 8, ""))
+    assert removed == specs[:7]
+    added = lab.parse_checkpoint_lines(app.edit_list(text, "add", None, "org/clip-vit-base-patch32_svhn"))
+    assert added[-1].source == "org/clip-vit-base-patch32_svhn" and added[-1].task == "svhn"
+    import random
+
+    expected = list(specs)
+    random.seed(42)
+    random.shuffle(expected)
+    assert lab.parse_checkpoint_lines(app.shuffle_list(text, 42)) == expected
+    with pytest.raises(gr.Error, match="give an order seed"):
+        app.shuffle_list(text, None)
+
+
+def test_analysis_reads_the_run(private_cache):
+    with pytest.raises(gr.Error, match="run something first"):
+        app.analyse(None, "")
+    *_, results, _ = list(
+        app.run_lab(*lab_inputs(("opcm",), checkpoints="\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])))
+    )[-1]
+    cosine, spectra, internals = app.analyse(results, "")
+    assert len(cosine.data[0].z) == 4  # three task vectors and the merged delta
+    assert len(spectra.data) == 2 * 4 and internals is not None
+    with pytest.raises(gr.Error, match="no matrix 'nope'"):
+        app.analyse(results, "nope")
+
+
+# ---------------------------------------------------------------- the page over HTTP
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app launched on 127.0.0.1 (a free port), with a private cache, for gradio_client."""
+    import os
+
+    cache = tmp_path_factory.mktemp("served-cache")
+    previous = os.environ.get("MERGING_CACHE")
+    os.environ["MERGING_CACHE"] = str(cache)
+    demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+    if previous is None:
+        os.environ.pop("MERGING_CACHE", None)
+    else:
+        os.environ["MERGING_CACHE"] = previous
+
+
+def downloaded_results(outputs) -> dict:
+    files = outputs[5]
+    path = next(f for f in files if Path(f).name == "results.json")
+    return json.loads(Path(path).read_text())
+
+
+def test_client_run_streams_every_step_and_equals_the_command_line(served, tmp_path):
+    from gradio_client import Client
+
+    from merging.cli import main
+
+    job = Client(served, verbose=False).submit(*lab_inputs(), api_name="/run")
+    final = job.result()
+    assert len(job.outputs()) == 2 + 8
+    assert [o[0].split(":")[0] for o in job.outputs()[2:]] == [
+        f"Step {t}/8 (+{s.task})" for t, s in enumerate(preset_checkpoints("mini-8"), 1)
+    ]
+    served_results = downloaded_results(final)
+    out = tmp_path / "cli.json"
+    assert (
+        main(
+            [
+                "run",
+                "--backbone",
+                "mini",
+                "--preset",
+                "mini-8",
+                "--method",
+                "opcm",
+                "--samples",
+                str(SAMPLES),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    cli = json.loads(out.read_text())
+    assert served_results["methods"]["opcm"]["accuracy"] == cli["methods"]["opcm"]["accuracy"]
+    assert served_results["methods"]["opcm"]["acc"] == cli["methods"]["opcm"]["acc"]
+
+
+def test_two_clients_at_once_get_their_own_results(served):
+    from gradio_client import Client
+
+    short = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])
+    first = Client(served, verbose=False).submit(*lab_inputs(("opcm",), checkpoints=short), api_name="/run")
+    second = Client(served, verbose=False).submit(*lab_inputs(("magmax",), checkpoints=short), api_name="/run")
+    one, two = downloaded_results(first.result()), downloaded_results(second.result())
+    assert set(one["methods"]) == {"opcm"} and set(two["methods"]) == {"magmax"}
+    assert one["completed_steps"] == two["completed_steps"] == 3

@@ -1,0 +1,235 @@
+"""The lab's session logic, without any UI: requests → run configurations → streamed updates.
+
+The Gradio page (``app.py``) only wires components to these functions, so everything the
+page does is testable here: parsing the checkpoint list, presets and seeded shuffles, the
+method options, and a run that writes its downloadable files after every step (a Stop keeps
+them) and yields the results so far. Results are plain JSON-ready dicts, never weights, so
+they can sit in a per-session ``gr.State``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MergingError
+from .evaluation import DEFAULT_SAMPLES
+from .methods import METHODS
+from .runner import CheckpointSpec, ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
+
+
+def checkpoint_lines(specs: Sequence[CheckpointSpec]) -> str:
+    """The editable list: one ``SRC=TASK`` per line, in merge order."""
+    return "\n".join(f"{s.source}={s.task}" for s in specs)
+
+
+def parse_checkpoint_lines(text: str) -> list[CheckpointSpec]:
+    """``SRC`` or ``SRC=TASK`` per line (blank lines and ``#`` comments ignored)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return [parse_checkpoint(line) for line in lines if line and not line.startswith("#")]
+
+
+def preset_text(preset: str, backbone: str) -> str:
+    return checkpoint_lines(preset_checkpoints(preset, backbone=backbone))
+
+
+def shuffle_text(text: str, seed: int | None) -> str:
+    """The papers' protocol (``random.seed(seed)``, ``random.shuffle``) applied to the list."""
+    return checkpoint_lines(shuffled(parse_checkpoint_lines(text), seed))
+
+
+def move_line(text: str, index: int, offset: int) -> str:
+    """Move checkpoint ``index`` (0-based) up (offset −1) or down (+1); out-of-range moves do nothing."""
+    specs = parse_checkpoint_lines(text)
+    target = index + offset
+    if 0 <= index < len(specs) and 0 <= target < len(specs):
+        specs[index], specs[target] = specs[target], specs[index]
+    return checkpoint_lines(specs)
+
+
+def remove_line(text: str, index: int) -> str:
+    specs = parse_checkpoint_lines(text)
+    if 0 <= index < len(specs):
+        del specs[index]
+    return checkpoint_lines(specs)
+
+
+def add_line(text: str, source: str, task: str | None = None) -> str:
+    """Append a checkpoint (path or Hub id); its task from ``task``, else from its name."""
+    source = source.strip()
+    if not source:
+        raise MergingError("give a checkpoint path or Hub repository id to add")
+    spec = CheckpointSpec(source, task) if task else parse_checkpoint(source)
+    return checkpoint_lines([*parse_checkpoint_lines(text), spec])
+
+
+def option_fields() -> list[tuple[str, str]]:
+    """(method, option) for every option of every method, in a fixed order the UI follows."""
+    return [(name, option.name) for name, cls in METHODS.items() for option in cls.options]
+
+
+def options_from_values(methods: Sequence[str], values: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Per chosen method, its options that differ from the defaults (so configs stay short)."""
+    defaults = {(m, o.name): o.default for m, cls in METHODS.items() for o in cls.options}
+    chosen: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for (method, option), value in zip(option_fields(), values, strict=True):
+        if method in chosen and value is not None and value != defaults[(method, option)]:
+            chosen[method][option] = value
+    return chosen
+
+
+@dataclass
+class LabRequest:
+    """What the setup panel holds."""
+
+    backbone: str = "mini"
+    checkpoints: str = ""
+    methods: list[str] = field(default_factory=lambda: ["opcm"])
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: int | None = DEFAULT_SAMPLES
+    eval: str = "seen"
+    device: str = "auto"
+    preset: str | None = None
+    order_seed: int | None = None
+
+    def config(self) -> RunConfig:
+        if not self.methods:
+            raise MergingError(f"choose at least one method ({', '.join(METHODS)})")
+        specs = parse_checkpoint_lines(self.checkpoints)
+        if not specs:
+            raise MergingError("the checkpoint list is empty: pick a preset or add checkpoints")
+        return RunConfig(
+            backbone=self.backbone,
+            checkpoints=specs,
+            methods={m: dict(self.options.get(m, {})) for m in self.methods},
+            samples=self.samples,
+            eval=self.eval,  # type: ignore[arg-type]
+            device=self.device,
+            preset=self.preset,
+            order_seed=self.order_seed,
+        )
+
+
+@dataclass
+class LabUpdate:
+    """The state of a run after ``completed`` of ``total`` steps."""
+
+    results: dict[str, Any]
+    completed: int
+    total: int
+    status: str
+    files: list[Path]
+
+
+SMALL_ENCODER_BYTES = 64 * 2**20  # below this the merged encoders are saved after every step
+
+
+def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = "hf") -> list[Path]:
+    """results.json, a CSV accuracy matrix per method, the replayable config.json and, when
+    ``encoders``, each method's current merged encoder as safetensors in layout ``fmt``."""
+    from .checkpoints import save_encoder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = run.save(folder / "results.json")
+    config = folder / "config.json"
+    config.write_text(json.dumps({"config": run.config.to_json()}, indent=1) + "\n")
+    written.append(config)
+    if encoders:
+        for name, merger in run.mergers.items():
+            if merger.merged:
+                written += save_encoder(merger.merged, folder / f"merged-{name}.safetensors", fmt, run.backbone.arch)
+    return written
+
+
+def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpdate]:
+    """Run ``config``; yield once the reference rows are known, then after every step.
+
+    The downloadable files are rewritten after every step, so whatever stops the run
+    (the Stop button, an error in a later checkpoint) leaves the completed steps on disk.
+    """
+    started = time.perf_counter()
+    run = ContinualRun(config)
+    total = len(config.checkpoints)
+    yield LabUpdate(
+        run.results(references=False),
+        0,
+        total,
+        "Checkpoints found; evaluating the pretrained and fine-tuned models…",
+        [],
+    )
+    run.references  # noqa: B018 (before the first step, so the reference lines show at once)
+    yield LabUpdate(
+        run.results(), 0, total, f"Reference rows ready ({time.perf_counter() - started:.1f} s); merging…", []
+    )
+    encoder_bytes = sum(t.numel() * 4 for t in run.backbone.model.visual.state_dict().values())
+    for report in run.steps():
+        small = encoder_bytes <= SMALL_ENCODER_BYTES
+        files = write_downloads(run, folder, encoders=small or report.step == report.total, fmt=fmt)
+        parts = [
+            f"{name} ACC {100 * s.acc:.1f}% ({s.merge_seconds:.2f} s merge + {s.eval_seconds:.2f} s eval)"
+            for name, s in report.methods.items()
+        ]
+        status = f"Step {report.step}/{report.total} (+{report.task}): " + "; ".join(parts)
+        if report.step == report.total:
+            status += f". Done in {time.perf_counter() - started:.1f} s."
+        results = run.results()
+        results["downloads"] = str(folder)
+        yield LabUpdate(results, report.step, report.total, status, files)
+
+
+def warm_up(config: RunConfig) -> None:
+    """Load the backbone, decode and cache the test images, compute the reference rows.
+
+    The app calls this in the background once it is up, so that the first Run on a fresh
+    start only merges and evaluates; everything it computes lands in the shared caches.
+    """
+    ContinualRun(config).references  # noqa: B018
+
+
+def results_from_file(path: str | Path) -> Mapping[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
+    """Cosine similarities of the run's task vectors and merged deltas, spectra of ``layer``,
+    and the internals of OPCM or OTMF when they ran. Checkpoints are read lazily, one
+    parameter at a time; the merged encoders come from the run's downloads folder."""
+    from . import plots
+    from .analysis import cosine_similarity_matrix, singular_values
+    from .backbones import load_backbone
+    from .checkpoints import open_encoder
+
+    config = results["config"]
+    completed = max((len(m["accuracy"]) for m in results["methods"].values()), default=0)
+    if completed == 0:
+        raise MergingError("no step has completed yet")
+    base = load_backbone(config["backbone"]).visual_state()
+    models = [open_encoder(c["source"]) for c in config["checkpoints"][:completed]]
+    names = [f"τ {task}" for task in results["tasks"][:completed]]
+    folder = Path(results.get("downloads", ""))
+    for method in results["methods"]:
+        path = folder / f"merged-{method}.safetensors"
+        if results.get("downloads") and path.is_file():
+            models.append(open_encoder(path))
+            names.append(f"merged {method}")
+    similarity = cosine_similarity_matrix(models, base)
+    if layer is None:
+        blocks = sorted({int(k.split(".")[2]) for k in base if k.startswith("transformer.resblocks.")})
+        layer = f"transformer.resblocks.{blocks[-1]}.mlp.c_fc.weight"
+    try:
+        spectra = {
+            name: singular_values(model, layer, base).tolist() for name, model in zip(names, models, strict=True)
+        }
+    except (KeyError, ValueError) as exc:
+        raise MergingError(f"no matrix {layer!r} in the encoder ({exc})") from None
+    alpha = results["methods"].get("opcm", {}).get("options", {}).get("alpha")
+    internals = None
+    if "opcm" in results["methods"]:
+        internals = plots.opcm_lambda_figure(results)
+    elif "otmf" in results["methods"]:
+        internals = plots.otmf_loss_figure(results)
+    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, alpha), internals
