@@ -148,6 +148,30 @@ def run_lab(
         raise gr.Error(str(exc)) from None
 
 
+def push(files: list[str] | None, method: str, repo_id: str, token: str) -> str:
+    try:
+        url = lab.push_to_hub(files or [], method, repo_id, token)
+    except MergingError as exc:
+        raise gr.Error(str(exc)) from None
+    return f"Pushed the merged encoder of {method} to {url}"
+
+
+def gpu_duration(*args: Any) -> int:
+    """Seconds of GPU time to ask a ZeroGPU Space for: about 20 s per checkpoint and method, at least 60."""
+    checkpoints, methods = args[2], args[3]
+    count = len(lab.parse_checkpoint_lines(checkpoints)) if isinstance(checkpoints, str) else 8
+    return int(min(1500, max(60, 20 * count * max(1, len(methods or [])))))
+
+
+def on_gpu(function):
+    """``spaces.GPU`` around the GPU work on Hugging Face Spaces; the function itself elsewhere."""
+    try:
+        import spaces
+    except ImportError:
+        return function
+    return spaces.GPU(duration=gpu_duration)(function)
+
+
 def show_method(results: dict[str, Any] | None, shown: str) -> tuple[Any, Any]:
     heatmap, _, curves, _ = figures_for(results, shown)
     return heatmap, curves
@@ -289,6 +313,13 @@ def build_app() -> gr.Blocks:
                         lines = gr.Plot(label="ACC and BWT")
                     curves = gr.Plot(label="Per-task accuracy")
                     table = gr.Dataframe(headers=plots.TABLE_HEADERS, label="Results", interactive=False)
+                    with gr.Accordion("Push a merged encoder to the Hub", open=False):
+                        with gr.Row():
+                            push_method = gr.Dropdown(list(METHODS), value="opcm", label="Method")
+                            push_repo = gr.Textbox(label="Repository (ORG/NAME)")
+                            push_token = gr.Textbox(label="Token with write access", type="password")
+                        push_button = gr.Button("Push")
+                        push_status = gr.Markdown()
                     files = gr.File(
                         label="Downloads: results.json, CSVs, config.json (replay with "
                         "python -m merging run --config), merged encoders",
@@ -312,7 +343,7 @@ def build_app() -> gr.Blocks:
                     checkpoints,
                 )
             event = run.click(
-                run_lab,
+                on_gpu(run_lab),
                 api_name="run",
                 inputs=[
                     backbone,
@@ -332,6 +363,7 @@ def build_app() -> gr.Blocks:
                 show_progress="minimal",
             )
             stop.click(None, cancels=[event])
+            push_button.click(push, [files, push_method, push_repo, push_token], push_status, api_visibility="private")
             shown.change(show_method, [results_state, shown], [heatmap, curves])
             analyse_button.click(
                 analyse,

@@ -233,3 +233,39 @@ def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
     elif "otmf" in results["methods"]:
         internals = plots.otmf_loss_figure(results)
     return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, alpha), internals
+
+
+def push_to_hub(files: Sequence[str | Path], method: str, repo_id: str, token: str, private: bool = True) -> str:
+    """Upload a method's merged encoder (and the run's results and config) to a Hub model repository.
+
+    Uses the token the user gives (never stored); returns the repository URL. The upload
+    is the only thing in the lab that writes to the Hub.
+    """
+    from huggingface_hub import HfApi
+
+    from .hub import HubError, parse_hub_id
+
+    try:
+        ref = parse_hub_id("hf-hub:" + repo_id.strip()) if repo_id.strip() else None
+    except HubError:
+        ref = None
+    if ref is None or ref.revision:
+        raise MergingError(f"give the repository to push to as ORG/NAME, not {repo_id.strip()!r}")
+    if not token.strip():
+        raise MergingError("pushing to the Hub needs a token with write access")
+    paths = {Path(f).name: Path(f) for f in files}
+    encoder = paths.get(f"merged-{method}.safetensors")
+    if encoder is None:
+        raise MergingError(f"no merged encoder of {method} in this run's downloads (run it first)")
+    api = HfApi(token=token.strip())
+    try:
+        url = api.create_repo(ref.repo_id, private=private, exist_ok=True)
+        api.upload_file(path_or_fileobj=str(encoder), path_in_repo="model.safetensors", repo_id=ref.repo_id)
+        for name in ("results.json", "config.json"):
+            if name in paths:
+                api.upload_file(path_or_fileobj=str(paths[name]), path_in_repo=name, repo_id=ref.repo_id)
+    except Exception as exc:  # one line naming the repository, whatever the Hub answered
+        raise MergingError(
+            f"pushing to {ref.repo_id} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from None
+    return str(url)

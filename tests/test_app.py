@@ -229,3 +229,62 @@ def test_two_clients_at_once_get_their_own_results(served):
     one, two = downloaded_results(first.result()), downloaded_results(second.result())
     assert set(one["methods"]) == {"opcm"} and set(two["methods"]) == {"magmax"}
     assert one["completed_steps"] == two["completed_steps"] == 3
+
+
+def test_push_to_hub_uploads_the_merged_encoder_with_the_given_token(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id):
+            calls.append(("upload", Path(path_or_fileobj).name, path_in_repo, repo_id))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    files = []
+    for name in ("merged-opcm.safetensors", "results.json", "config.json"):
+        (tmp_path / name).write_text("x")
+        files.append(str(tmp_path / name))
+    message = app.push(files, "opcm", "me/merged", "hf_secret")
+    assert message == "Pushed the merged encoder of opcm to https://huggingface.co/me/merged"
+    assert calls == [
+        ("token", "hf_secret"),
+        ("create", "me/merged", True),
+        ("upload", "merged-opcm.safetensors", "model.safetensors", "me/merged"),
+        ("upload", "results.json", "results.json", "me/merged"),
+        ("upload", "config.json", "config.json", "me/merged"),
+    ]
+    with pytest.raises(gr.Error, match="no merged encoder of ties"):
+        app.push(files, "ties", "me/merged", "hf_secret")
+    with pytest.raises(gr.Error, match="needs a token"):
+        app.push(files, "opcm", "me/merged", " ")
+    with pytest.raises(gr.Error, match="as ORG/NAME"):
+        app.push(files, "opcm", "not a repo", "hf_secret")
+
+
+def test_spaces_gpu_wraps_the_run_only_when_the_package_exists(monkeypatch):
+    import sys
+    import types
+
+    assert app.on_gpu(app.run_lab) is app.run_lab  # no spaces package here
+    seen = {}
+
+    def gpu(duration):
+        def wrap(function):
+            seen["duration"] = duration
+            return function
+
+        return wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    assert app.on_gpu(app.run_lab) is app.run_lab and seen["duration"] is app.gpu_duration
+    text = lab.preset_text("mini-8", "mini")
+    assert app.gpu_duration("mini", "mini-8", text, ["opcm", "ties"]) == 20 * 8 * 2
+    assert app.gpu_duration("mini", "mini-8", "", ["opcm"]) == 60
