@@ -145,7 +145,10 @@ def run_lab(
                 choice,
             )
     except MergingError as exc:
-        raise gr.Error(str(exc)) from None
+        # A toast names the culprit; the status line keeps it, and every other output keeps
+        # what the run (or an earlier run) already showed.
+        gr.Warning(str(exc))
+        yield (f"**Error:** {exc}", *(gr.skip() for _ in range(7)))
 
 
 def push(files: list[str] | None, method: str, repo_id: str, token: str) -> str:
@@ -324,6 +327,7 @@ def build_app() -> gr.Blocks:
                         label="Downloads: results.json, CSVs, config.json (replay with "
                         "python -m merging run --config), merged encoders",
                         file_count="multiple",
+                        interactive=False,
                     )
                     with gr.Accordion("Analysis: task vectors, spectra and method internals", open=False):
                         layer = gr.Textbox(label="Layer for the spectra (empty: the last block's MLP input weight)")

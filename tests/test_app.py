@@ -108,15 +108,18 @@ def test_options_and_bad_requests(private_cache):
     alpha = next(i for i, (m, o) in enumerate(lab.option_fields()) if (m, o) == ("opcm", "alpha"))
     values[alpha] = 0.7
     assert lab.options_from_values(["opcm", "ties"], values) == {"opcm": {"alpha": 0.7}, "ties": {}}
-    with pytest.raises(gr.Error, match="the checkpoint list is empty"):
-        list(app.run_lab(*lab_inputs(checkpoints="")))
-    with pytest.raises(gr.Error, match="choose at least one method"):
-        list(app.run_lab(*lab_inputs(methods=())))
-    with pytest.raises(gr.Error, match="cannot tell which task checkpoint /nowhere/model was fine-tuned on"):
-        list(app.run_lab(*lab_inputs(checkpoints="/nowhere/model")))
-    values[alpha] = 1.5
-    with pytest.raises(gr.Error, match=r"opcm option alpha=1.5 is out of range"):
-        list(app.run_lab(*lab_inputs(options=values)))
+    for inputs, message in (
+        (lab_inputs(checkpoints=""), "the checkpoint list is empty"),
+        (lab_inputs(methods=()), "choose at least one method"),
+        (
+            lab_inputs(checkpoints="/nowhere/model"),
+            "cannot tell which task checkpoint /nowhere/model was fine-tuned on",
+        ),
+        (lab_inputs(options=[*values[:alpha], 1.5, *values[alpha + 1 :]]), "opcm option alpha=1.5 is out of range"),
+    ):
+        updates = list(app.run_lab(*inputs))
+        assert len(updates) == 1 and message in updates[0][0] and updates[0][0].startswith("**Error:**")
+        assert all(isinstance(u, dict) and u.get("__type__") == "update" for u in updates[0][1:])  # gr.skip()
     with pytest.raises(gr.Error, match="preset TA8 has Hub checkpoints only for the OpenAI CLIP backbones"):
         app.preset_list("TA8", "mini")
 
@@ -288,3 +291,23 @@ def test_spaces_gpu_wraps_the_run_only_when_the_package_exists(monkeypatch):
     text = lab.preset_text("mini-8", "mini")
     assert app.gpu_duration("mini", "mini-8", text, ["opcm", "ties"]) == 20 * 8 * 2
     assert app.gpu_duration("mini", "mini-8", "", ["opcm"]) == 60
+
+
+def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch):
+    from merging.errors import CheckpointError
+    from merging.methods.opcm import OPCM
+
+    original = OPCM._merge
+
+    def failing(self, incoming, task_norm):
+        if self.step_count == 3:
+            raise CheckpointError(f"{incoming.name} is broken (simulated)")
+        return original(self, incoming, task_norm)
+
+    monkeypatch.setattr(OPCM, "_merge", failing)
+    updates = list(app.run_lab(*lab_inputs()))
+    assert [u[0].split(" ")[0] for u in updates] == ["Checkpoints", "Reference", "Step", "Step", "**Error:**"]
+    assert "mini-traffic-signs is broken (simulated)" in updates[-1][0]
+    *_, files, results, _ = updates[-2]
+    saved = json.loads(Path(next(f for f in files if f.endswith("results.json"))).read_text())
+    assert saved["completed_steps"] == 2 == len(results["methods"]["opcm"]["accuracy"])

@@ -1,0 +1,125 @@
+"""The page in a real browser: Debian's chromium, headless, driven by playwright (slow; CI runs it).
+
+Screenshots go to ``artifacts/`` at the repository root (kept by CI, ignored by git).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
+]
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    import os
+
+    cache = tmp_path_factory.mktemp("browser-cache")
+    previous = os.environ.get("MERGING_CACHE")
+    os.environ["MERGING_CACHE"] = str(cache)
+    demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+    if previous is None:
+        os.environ.pop("MERGING_CACHE", None)
+    else:
+        os.environ["MERGING_CACHE"] = previous
+
+
+@pytest.fixture
+def page(page_url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1600, "height": 1400}, accept_downloads=True)
+        page = context.new_page()
+        page.goto(page_url)
+        page.get_by_role("button", name="Run", exact=True).wait_for()
+        yield page
+        browser.close()
+
+
+def status_text(page) -> str:
+    return page.get_by_text(re.compile(r"^Step \d+/\d+")).first.inner_text()
+
+
+def download_results(page, tmp_path: Path) -> dict:
+    with page.expect_download() as download:
+        page.locator('a[download="results.json"]').first.click()
+    target = tmp_path / "results.json"
+    download.value.save_as(target)
+    return json.loads(target.read_text())
+
+
+def test_default_run_renders_every_live_plot_and_downloads(page, tmp_path):
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Done in").wait_for(timeout=120_000)
+    plots = page.locator(".js-plotly-plot")
+    assert plots.count() == 3
+    heatmap, lines, curves = (plots.nth(i) for i in range(3))
+    assert heatmap.locator(".hm, .heatmaplayer image").count() >= 1
+    assert heatmap.locator(".textpoint, text").filter(has_text=re.compile(r"^\d+\.\d$")).count() >= 36  # 8·9/2 cells
+    assert lines.locator(".scatterlayer .trace").count() >= 3  # opcm and the two reference lines (+ BWT)
+    assert curves.locator(".scatterlayer .trace").count() == 8  # one per task
+    assert page.get_by_role("cell", name="opcm").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "lab-default-run.png"), full_page=True)
+    results = download_results(page, tmp_path)
+    assert results["completed_steps"] == 8 and results["tasks"][0] == "mini-land-cover"
+    assert 0.5 < results["methods"]["opcm"]["acc"] < 1.0
+
+
+def test_stop_keeps_the_steps_already_shown(page, tmp_path):
+    page.get_by_label("otmf").check()  # OPCM and OTMF side by side: a longer run
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text(re.compile(r"^Step 2/8")).wait_for(timeout=120_000)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.wait_for_timeout(1500)
+    stopped = status_text(page)
+    page.wait_for_timeout(6000)  # a running OTMF would have finished more steps by now
+    assert status_text(page) == stopped and "Done in" not in stopped
+    completed = int(re.match(r"Step (\d+)/8", stopped).group(1))
+    assert 2 <= completed < 8
+    assert page.locator(".js-plotly-plot").count() == 3
+    page.screenshot(path=str(ARTIFACTS / "lab-stopped.png"), full_page=True)
+    results = download_results(page, tmp_path)
+    assert results["completed_steps"] == completed and set(results["methods"]) == {"opcm", "otmf"}
+
+
+def test_an_error_names_the_culprit_and_keeps_earlier_results(page):
+    box = page.get_by_label(re.compile("Checkpoints in merge order"))
+    box.fill("\n".join(box.input_value().splitlines()[:2]))
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Done in").wait_for(timeout=120_000)
+    box.fill("/nowhere/model")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text(re.compile(r"Error: cannot tell which task checkpoint /nowhere/model")).first.wait_for(
+        timeout=30_000
+    )
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / "lab-error.png"), full_page=True)
+    curves = page.locator(".js-plotly-plot").nth(2)
+    assert curves.locator(".scatterlayer .trace").count() == 2  # the earlier run's two tasks are still drawn
+    assert page.get_by_text("Error", exact=True).count() == 0  # no output is blanked by an error overlay
+    assert page.get_by_role("button", name="Run", exact=True).is_enabled()
+
+
+def test_readme_shows_a_screenshot_of_a_finished_run():
+    """docs/lab.png is artifacts/lab-default-run.png of a passing run, copied by hand when the page changes."""
+    root = Path(__file__).resolve().parents[1]
+    assert "docs/lab.png" in (root / "README.md").read_text()
+    assert (root / "docs" / "lab.png").stat().st_size > 50_000
