@@ -58,6 +58,43 @@ $i$ entered (negative BWT is forgetting).
 """
 
 
+# Gradio re-mounts a plot whenever its figure changes, so plotly's uirevision cannot keep a
+# zoom across live updates; this script remembers each lab plot's zoom (from plotly's own
+# relayout events) and re-applies it to the re-mounted plot. A double click resets it.
+KEEP_ZOOM = r"""
+<script>
+(() => {
+  const saved = {};
+  const hook = (el) => {
+    if (el.__labHooked || typeof el.on !== "function") return;
+    const box = el.closest('[id^="lab-plot-"]');
+    if (!box) return;
+    el.__labHooked = true;
+    el.on("plotly_relayout", (event) => {
+      if (el.__labApplying) return;
+      const keys = Object.keys(event);
+      if (keys.some((k) => k.endsWith("autorange"))) { delete saved[box.id]; return; }
+      const ranges = {};
+      keys.filter((k) => /axis\d*\.range/.test(k)).forEach((k) => { ranges[k] = event[k]; });
+      if (Object.keys(ranges).length) saved[box.id] = Object.assign(saved[box.id] || {}, ranges);
+    });
+    if (saved[box.id]) {
+      el.__labApplying = true;
+      setTimeout(() => window.Plotly.relayout(el, saved[box.id]).finally(() => { el.__labApplying = false; }), 0);
+    }
+  };
+  new MutationObserver(() => document.querySelectorAll(".js-plotly-plot").forEach(hook))
+    .observe(document.documentElement, { childList: true, subtree: true });
+})();
+</script>
+"""
+
+
+def serve(demo: gr.Blocks, **options: Any):
+    """Launch with the lab's page script (zoom that survives live updates)."""
+    return demo.launch(head=KEEP_ZOOM, **options)
+
+
 # ------------------------------------------------------------------ the lab's handlers
 
 
@@ -134,6 +171,7 @@ def run_lab(
         for update in lab.stream(config, folder, fmt=layout):
             heatmap, lines, curves, table = figures_for(update.results, None)
             choice = gr.update(choices=list(update.results["methods"]), value=next(iter(update.results["methods"])))
+            opcm, otmf = plots.internals(update.results)
             yield (
                 update.status,
                 heatmap,
@@ -143,12 +181,14 @@ def run_lab(
                 [str(f) for f in update.files] or None,
                 update.results,
                 choice,
+                opcm,
+                otmf,
             )
     except MergingError as exc:
         # A toast names the culprit; the status line keeps it, and every other output keeps
         # what the run (or an earlier run) already showed.
         gr.Warning(str(exc))
-        yield (f"**Error:** {exc}", *(gr.skip() for _ in range(7)))
+        yield (f"**Error:** {exc}", *(gr.skip() for _ in range(9)))
 
 
 def push(files: list[str] | None, method: str, repo_id: str, token: str) -> str:
@@ -180,8 +220,8 @@ def show_method(results: dict[str, Any] | None, shown: str) -> tuple[Any, Any]:
     return heatmap, curves
 
 
-def analyse(results: dict[str, Any] | None, layer: str) -> tuple[Any, Any, Any]:
-    """Cosine similarities of the task vectors (and merged deltas), spectra of a layer, method internals."""
+def analyse(results: dict[str, Any] | None, layer: str) -> tuple[Any, Any]:
+    """Cosine similarities of the task vectors (and merged deltas) and spectra of a layer."""
     if not results or not results.get("methods"):
         raise gr.Error("run something first: the analysis reads the run's checkpoints and merged encoders")
     try:
@@ -312,9 +352,9 @@ def build_app() -> gr.Blocks:
                     with gr.Row():
                         shown = gr.Dropdown(["opcm"], value="opcm", label="Method shown in the matrix and curves")
                     with gr.Row():
-                        heatmap = gr.Plot(label="Accuracy matrix")
-                        lines = gr.Plot(label="ACC and BWT")
-                    curves = gr.Plot(label="Per-task accuracy")
+                        heatmap = gr.Plot(label="Accuracy matrix", elem_id="lab-plot-matrix")
+                        lines = gr.Plot(label="ACC and BWT", elem_id="lab-plot-acc-bwt")
+                    curves = gr.Plot(label="Per-task accuracy", elem_id="lab-plot-per-task")
                     table = gr.Dataframe(headers=plots.TABLE_HEADERS, label="Results", interactive=False)
                     with gr.Accordion("Push a merged encoder to the Hub", open=False):
                         with gr.Row():
@@ -329,12 +369,16 @@ def build_app() -> gr.Blocks:
                         file_count="multiple",
                         interactive=False,
                     )
-                    with gr.Accordion("Analysis: task vectors, spectra and method internals", open=False):
+                    with gr.Accordion("Method internals (live)", open=False):
+                        opcm_internals = gr.Plot(
+                            label="OPCM: λ(t) and the share of τ_t removed", elem_id="lab-plot-opcm"
+                        )
+                        otmf_internals = gr.Plot(label="OTMF: loss curves and mask statistics", elem_id="lab-plot-otmf")
+                    with gr.Accordion("Analysis: task vectors and spectra", open=False):
                         layer = gr.Textbox(label="Layer for the spectra (empty: the last block's MLP input weight)")
                         analyse_button = gr.Button("Analyse the run")
-                        cosine = gr.Plot(label="Cosine similarity")
-                        spectra = gr.Plot(label="Singular-value spectra")
-                        internals = gr.Plot(label="Method internals")
+                        cosine = gr.Plot(label="Cosine similarity", elem_id="lab-plot-cosine")
+                        spectra = gr.Plot(label="Singular-value spectra", elem_id="lab-plot-spectra")
                     with gr.Accordion("How the methods work", open=False):
                         gr.Markdown(EXPLANATIONS, latex_delimiters=[{"left": "$", "right": "$", "display": False}])
                         gr.Markdown(methods_markdown())
@@ -361,7 +405,18 @@ def build_app() -> gr.Blocks:
                     layout,
                     *option_inputs,
                 ],
-                outputs=[status, heatmap, lines, curves, table, files, results_state, shown],
+                outputs=[
+                    status,
+                    heatmap,
+                    lines,
+                    curves,
+                    table,
+                    files,
+                    results_state,
+                    shown,
+                    opcm_internals,
+                    otmf_internals,
+                ],
                 concurrency_limit=1,
                 concurrency_id="gpu",
                 show_progress="minimal",
@@ -372,7 +427,7 @@ def build_app() -> gr.Blocks:
             analyse_button.click(
                 analyse,
                 [results_state, layer],
-                [cosine, spectra, internals],
+                [cosine, spectra],
                 api_name="analyse",
                 concurrency_limit=1,
                 concurrency_id="gpu",
@@ -412,6 +467,6 @@ def warm_default_run() -> None:
 
 if __name__ == "__main__":
     demo = build_app().queue(max_size=16, default_concurrency_limit=1)
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), prevent_thread_lock=True)
+    serve(demo, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), prevent_thread_lock=True)
     threading.Thread(target=warm_default_run, name="warm-up", daemon=True).start()
     demo.block_thread()

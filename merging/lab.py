@@ -195,9 +195,10 @@ def results_from_file(path: str | Path) -> Mapping[str, Any]:
 
 
 def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
-    """Cosine similarities of the run's task vectors and merged deltas, spectra of ``layer``,
-    and the internals of OPCM or OTMF when they ran. Checkpoints are read lazily, one
-    parameter at a time; the merged encoders come from the run's downloads folder."""
+    """Cosine similarities of the run's task vectors and merged deltas, and spectra of ``layer``.
+
+    Checkpoints are read lazily, one parameter at a time; the merged encoders come from the
+    run's downloads folder."""
     from . import plots
     from .analysis import cosine_similarity_matrix, singular_values
     from .backbones import load_backbone
@@ -227,12 +228,7 @@ def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
     except (KeyError, ValueError) as exc:
         raise MergingError(f"no matrix {layer!r} in the encoder ({exc})") from None
     alpha = results["methods"].get("opcm", {}).get("options", {}).get("alpha")
-    internals = None
-    if "opcm" in results["methods"]:
-        internals = plots.opcm_lambda_figure(results)
-    elif "otmf" in results["methods"]:
-        internals = plots.otmf_loss_figure(results)
-    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, alpha), internals
+    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, alpha)
 
 
 def push_to_hub(files: Sequence[str | Path], method: str, repo_id: str, token: str, private: bool = True) -> str:

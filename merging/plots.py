@@ -237,10 +237,13 @@ def opcm_lambda_figure(results: Mapping[str, Any], method: str = "opcm") -> go.F
     return _styled(figure, "OPCM internals")
 
 
-def otmf_loss_figure(results: Mapping[str, Any], method: str = "otmf") -> go.Figure:
-    """OTMF's loss curves of both mask sets, one pair per merge step."""
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("pre masks: OT loss", "post masks: OT loss"))
-    for index, step in enumerate(results["methods"][method]["steps"]):
+def otmf_figure(results: Mapping[str, Any], method: str = "otmf") -> go.Figure:
+    """OTMF's loss curves of both mask sets per merge step, and the masks' statistics per step."""
+    figure = make_subplots(
+        rows=1, cols=3, subplot_titles=("pre masks: OT loss", "post masks: OT loss", "masks: mean ± std, tails")
+    )
+    steps = results["methods"][method]["steps"]
+    for index, step in enumerate(steps):
         diagnostics = step["diagnostics"]
         for col, key in ((1, "loss_pre"), (2, "loss_post")):
             if diagnostics.get(key):
@@ -256,8 +259,46 @@ def otmf_loss_figure(results: Mapping[str, Any], method: str = "otmf") -> go.Fig
                     row=1,
                     col=col,
                 )
-    figure.update_xaxes(title_text="update")
+    for offset, which in ((0, "pre"), (1, "post")):
+        points = [(t + 1, s["diagnostics"]["masks"][which]) for t, s in enumerate(steps) if "masks" in s["diagnostics"]]
+        if not points:
+            continue
+        x = [t for t, _ in points]
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=[m["mean"] for _, m in points],
+                error_y=dict(array=[m["std"] for _, m in points]),
+                name=f"{which} mask mean ± std",
+                mode="markers+lines",
+                line=dict(color=colour(6 + offset)),
+            ),
+            row=1,
+            col=3,
+        )
+        figure.add_trace(
+            go.Bar(
+                x=x,
+                y=[m["below_0.5"] + m["above_1.5"] for _, m in points],
+                name=f"{which}: share < 0.5 or > 1.5",
+                marker_color=colour(4 + offset),
+                opacity=0.5,
+            ),
+            row=1,
+            col=3,
+        )
+    figure.update_xaxes(title_text="update", row=1, col=1)
+    figure.update_xaxes(title_text="update", row=1, col=2)
+    figure.update_xaxes(title_text="step", dtick=1, row=1, col=3)
     return _styled(figure, "OTMF internals")
+
+
+def internals(results: Mapping[str, Any]) -> tuple[go.Figure | None, go.Figure | None]:
+    """The live method-internals figures: OPCM's and OTMF's, when they ran and have steps."""
+    methods = results.get("methods", {})
+    opcm = opcm_lambda_figure(results) if methods.get("opcm", {}).get("steps") else None
+    otmf = otmf_figure(results) if methods.get("otmf", {}).get("steps") else None
+    return opcm, otmf
 
 
 def results_table(results: Mapping[str, Any]) -> list[list[Any]]:

@@ -61,7 +61,8 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     updates = list(app.run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
     # two updates before the first step (checkpoints found; reference rows ready), then one per step
     assert len(updates) == 2 + 8 and [u[0].startswith("Step ") for u in updates] == [False] * 2 + [True] * 8
-    status, heatmap, lines, curves, table, files, results, _ = updates[-1]
+    status, heatmap, lines, curves, table, files, results, _, opcm, otmf = updates[-1]
+    assert opcm is not None and otmf is None  # live internals of the methods that ran
     assert status.startswith("Step 8/8") and "Done in" in status
     assert updates[1][1] is None and updates[2][1] is not None  # the matrix appears with the first step
     assert updates[0][4] == [] and updates[1][4][0][0] == "pretrained"  # reference rows before any step
@@ -85,7 +86,7 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
 def test_the_downloaded_config_replays_with_the_command_line(private_cache, tmp_path):
     from merging.cli import main
 
-    *_, files, results, _ = list(app.run_lab(*lab_inputs(checkpoints=lab.preset_text("mini-8", "mini"))))[-1]
+    files, results = list(app.run_lab(*lab_inputs(checkpoints=lab.preset_text("mini-8", "mini"))))[-1][5:7]
     config = next(f for f in files if f.endswith("config.json"))
     assert main(["run", "--config", config, "--out", str(tmp_path / "replay.json")]) == 0
     replay = json.loads((tmp_path / "replay.json").read_text())
@@ -98,7 +99,7 @@ def test_stopping_keeps_what_was_computed(private_cache):
     stream = app.run_lab(*lab_inputs())
     updates = [next(stream) for _ in range(5)]  # checkpoints, references, then three steps
     stream.close()  # what Gradio does when Stop cancels the event
-    *_, files, results, _ = updates[-1]
+    files, results = updates[-1][5:7]
     saved = json.loads(Path(next(f for f in files if f.endswith("results.json"))).read_text())
     assert saved["completed_steps"] == 3 == len(results["methods"]["opcm"]["accuracy"])
 
@@ -148,12 +149,15 @@ def test_editing_the_checkpoint_list():
 def test_analysis_reads_the_run(private_cache):
     with pytest.raises(gr.Error, match="run something first"):
         app.analyse(None, "")
-    *_, results, _ = list(
-        app.run_lab(*lab_inputs(("opcm",), checkpoints="\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])))
-    )[-1]
-    cosine, spectra, internals = app.analyse(results, "")
-    assert len(cosine.data[0].z) == 4  # three task vectors and the merged delta
-    assert len(spectra.data) == 2 * 4 and internals is not None
+    three = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])
+    update = list(app.run_lab(*lab_inputs(("opcm", "otmf"), checkpoints=three)))[-1]
+    results, opcm, otmf = update[6], update[8], update[9]
+    cosine, spectra = app.analyse(results, "")
+    assert len(cosine.data[0].z) == 5  # three task vectors and two merged deltas
+    assert len(spectra.data) == 2 * 5
+    assert [t.y[-1] for t in opcm.data if t.name == "√t"] == [pytest.approx(3**0.5)]
+    assert sum(1 for t in otmf.data if (t.name or "").startswith("step")) == 2 * 2  # pre and post, steps 2 and 3
+    assert any("mask mean" in (t.name or "") for t in otmf.data)
     with pytest.raises(gr.Error, match="no matrix 'nope'"):
         app.analyse(results, "nope")
 
@@ -170,7 +174,7 @@ def served(tmp_path_factory):
     previous = os.environ.get("MERGING_CACHE")
     os.environ["MERGING_CACHE"] = str(cache)
     demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    _, url, _ = app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
     if previous is None:
@@ -308,6 +312,6 @@ def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch)
     updates = list(app.run_lab(*lab_inputs()))
     assert [u[0].split(" ")[0] for u in updates] == ["Checkpoints", "Reference", "Step", "Step", "**Error:**"]
     assert "mini-traffic-signs is broken (simulated)" in updates[-1][0]
-    *_, files, results, _ = updates[-2]
+    files, results = updates[-2][5:7]
     saved = json.loads(Path(next(f for f in files if f.endswith("results.json"))).read_text())
     assert saved["completed_steps"] == 2 == len(results["methods"]["opcm"]["accuracy"])

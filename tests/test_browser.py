@@ -30,7 +30,7 @@ def page_url(tmp_path_factory):
     previous = os.environ.get("MERGING_CACHE")
     os.environ["MERGING_CACHE"] = str(cache)
     demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    _, url, _ = app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
     if previous is None:
@@ -98,6 +98,25 @@ def test_stop_keeps_the_steps_already_shown(page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "lab-stopped.png"), full_page=True)
     results = download_results(page, tmp_path)
     assert results["completed_steps"] == completed and set(results["methods"]) == {"opcm", "otmf"}
+
+
+def test_a_zoom_survives_the_live_updates(page):
+    page.get_by_label("otmf").check()  # a slower run, so updates keep coming while we zoom
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text(re.compile(r"^Step 2/8")).wait_for(timeout=120_000)
+    curves = page.locator("#lab-plot-per-task .js-plotly-plot")
+    area = curves.locator(".nsewdrag").first.bounding_box()
+    page.mouse.move(area["x"] + area["width"] * 0.1, area["y"] + area["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(area["x"] + area["width"] * 0.4, area["y"] + area["height"] * 0.5, steps=10)
+    page.mouse.up()
+    page.wait_for_timeout(300)
+    zoomed = curves.evaluate("el => el.layout.xaxis.range")
+    page.get_by_text(re.compile(r"^Step 4/8")).wait_for(timeout=120_000)
+    page.wait_for_timeout(500)
+    after = page.locator("#lab-plot-per-task .js-plotly-plot").evaluate("el => el.layout.xaxis.range")
+    assert after == pytest.approx(zoomed, abs=1e-6)
+    page.get_by_role("button", name="Stop", exact=True).click()
 
 
 def test_an_error_names_the_culprit_and_keeps_earlier_results(page):
