@@ -130,10 +130,10 @@ def edit_list(text: str, action: str, position: float | None, source: str) -> st
         raise gr.Error(str(exc)) from None
 
 
-def figures_for(results: dict[str, Any] | None, shown: str | None) -> tuple[Any, Any, Any, list[list[Any]]]:
+def figures_for(results: dict[str, Any] | None, shown: str | None) -> tuple[Any, Any, Any, Any]:
     """The live figures (accuracy matrix and per-task curves of the shown method, ACC/BWT of all)."""
     if not results or not results.get("methods"):
-        return None, None, None, []
+        return None, None, None, plots.results_table({"methods": {}, "tasks": []})
     method = shown if shown in results["methods"] else next(iter(results["methods"]))
     has_steps = bool(results["methods"][method]["accuracy"])
     heatmap = plots.accuracy_heatmap(results, method) if has_steps else None

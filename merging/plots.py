@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -36,6 +37,7 @@ PUBLISHED_BACKBONES = {
     "openai/clip-vit-large-patch14": "ViT-L/14",
 }
 PRESET_SIZES = {"TA8": "8", "TALL14": "14", "TALL20": "20"}
+TABLE_HEADERS = ["method", "ACC (%)", "BWT (%)", "merge s/step", "eval s/step"]
 
 
 def colour(index: int) -> str:
@@ -301,8 +303,8 @@ def internals(results: Mapping[str, Any]) -> tuple[go.Figure | None, go.Figure |
     return opcm, otmf
 
 
-def results_table(results: Mapping[str, Any]) -> list[list[Any]]:
-    """Rows for the results table: method, ACC, BWT, mean merge and evaluation seconds per step."""
+def results_table(results: Mapping[str, Any]) -> pd.DataFrame:
+    """The results table: method, ACC, BWT, mean merge and evaluation seconds per step (reference rows first)."""
     rows = []
     seen = max((len(m["accuracy"]) for m in results["methods"].values()), default=0)
     tasks = results["tasks"][:seen] if seen else results["tasks"]  # before any step: the whole list
@@ -323,7 +325,4 @@ def results_table(results: Mapping[str, Any]) -> list[list[Any]]:
                 round(sum(s["eval_seconds"] for s in steps) / len(steps), 3),
             ]
         )
-    return rows
-
-
-TABLE_HEADERS = ["method", "ACC (%)", "BWT (%)", "merge s/step", "eval s/step"]
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)

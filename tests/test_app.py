@@ -65,9 +65,10 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     assert opcm is not None and otmf is None  # live internals of the methods that ran
     assert status.startswith("Step 8/8") and "Done in" in status
     assert updates[1][1] is None and updates[2][1] is not None  # the matrix appears with the first step
-    assert updates[0][4] == [] and updates[1][4][0][0] == "pretrained"  # reference rows before any step
+    assert updates[0][4].empty and updates[1][4]["method"].tolist() == ["pretrained", "finetuned"]  # before step 1
     assert len(heatmap.data[0].z) == 8 and len(curves.data) == 8 and len(lines.data) >= 4
-    assert [row[0] for row in table] == ["pretrained", "finetuned", "opcm", "task_arithmetic"]
+    assert table["method"].tolist() == ["pretrained", "finetuned", "opcm", "task_arithmetic"]
+    assert table.loc[2, "ACC (%)"] == pytest.approx(100 * results["methods"]["opcm"]["acc"], abs=0.01)
     direct = ContinualRun(
         RunConfig(
             checkpoints=preset_checkpoints("mini-8"),
