@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,8 @@ class ImageCache:
         else:
             result = self._decode(task, split, spec, limit)
             self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
+            # a unique name, then a rename: concurrent runs (the app's warm-up) never read or mix half files
+            temporary = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
             save_file({"images": result.images.contiguous(), "labels": result.labels}, str(temporary))
             temporary.replace(path)
         self._memory[key] = result

@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -264,14 +266,20 @@ class ContinualRun:
     def _load_or_compute_references(self) -> dict[str, dict[str, float]]:
         path = self.cache_dir / "references" / f"{self._reference_key()}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                return json.loads(path.read_text())
+            except ValueError:  # a damaged cache entry is recomputed, never trusted
+                pass
         pretrained = self.evaluator.evaluate(None, self.tasks)
         finetuned = {}
         for task, reader in zip(self.tasks, self.readers, strict=True):
             finetuned[task.name] = self.evaluator.evaluate(reader.load(), [task])[task.name]
         result = {"pretrained": pretrained, "finetuned": finetuned}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
+        # written under a unique name and renamed, so a concurrent run (the app's warm-up) never reads half a file
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
+        temporary.write_text(json.dumps(result))
+        temporary.replace(path)
         return result
 
     # ------------------------------------------------------------ the run

@@ -8,6 +8,8 @@ task's names and templates, so they are cached in memory and on disk.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -42,11 +44,18 @@ class HeadCache:
         key = f"{backbone.fingerprint}-{task.name}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
         if key not in self._memory:
             path = self.directory / f"{key}.safetensors"
+            head = None
             if path.is_file():
-                head = load_file(str(path))["head"]
-            else:
+                try:
+                    head = load_file(str(path))["head"]
+                except Exception:  # a damaged cache entry is rebuilt, never trusted
+                    head = None
+            if head is None:
                 head = build_head(backbone, task.classnames, task.templates)
                 self.directory.mkdir(parents=True, exist_ok=True)
-                save_file({"head": head.contiguous()}, str(path))
+                # unique name, then rename: a concurrent writer (the app's warm-up) never leaves half a file
+                temporary = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
+                save_file({"head": head.contiguous()}, str(temporary))
+                temporary.replace(path)
             self._memory[key] = head
         return self._memory[key]

@@ -22,3 +22,23 @@ def checkpoint_dirs(tmp_path, pretrained_state):
         for s in (1, 2, 3)
     ]
     return base, fine
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """The lab launched on 127.0.0.1 (a free port) with a private cache, for gradio_client and the browser."""
+    import os
+
+    import app
+
+    cache = tmp_path_factory.mktemp("served-cache")
+    previous = os.environ.get("MERGING_CACHE")
+    os.environ["MERGING_CACHE"] = str(cache)
+    demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
+    _, url, _ = app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+    if previous is None:
+        os.environ.pop("MERGING_CACHE", None)
+    else:
+        os.environ["MERGING_CACHE"] = previous

@@ -166,36 +166,18 @@ def test_analysis_reads_the_run(private_cache):
 # ---------------------------------------------------------------- the page over HTTP
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The app launched on 127.0.0.1 (a free port), with a private cache, for gradio_client."""
-    import os
-
-    cache = tmp_path_factory.mktemp("served-cache")
-    previous = os.environ.get("MERGING_CACHE")
-    os.environ["MERGING_CACHE"] = str(cache)
-    demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
-    _, url, _ = app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
-    if previous is None:
-        os.environ.pop("MERGING_CACHE", None)
-    else:
-        os.environ["MERGING_CACHE"] = previous
-
-
 def downloaded_results(outputs) -> dict:
     files = outputs[5]
     path = next(f for f in files if Path(f).name == "results.json")
     return json.loads(Path(path).read_text())
 
 
-def test_client_run_streams_every_step_and_equals_the_command_line(served, tmp_path):
+def test_client_run_streams_every_step_and_equals_the_command_line(served_app, tmp_path):
     from gradio_client import Client
 
     from merging.cli import main
 
-    job = Client(served, verbose=False).submit(*lab_inputs(), api_name="/run")
+    job = Client(served_app, verbose=False).submit(*lab_inputs(), api_name="/run")
     final = job.result()
     assert len(job.outputs()) == 2 + 8
     assert [o[0].split(":")[0] for o in job.outputs()[2:]] == [
@@ -228,12 +210,12 @@ def test_client_run_streams_every_step_and_equals_the_command_line(served, tmp_p
     assert served_results["methods"]["opcm"]["acc"] == cli["methods"]["opcm"]["acc"]
 
 
-def test_two_clients_at_once_get_their_own_results(served):
+def test_two_clients_at_once_get_their_own_results(served_app):
     from gradio_client import Client
 
     short = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])
-    first = Client(served, verbose=False).submit(*lab_inputs(("opcm",), checkpoints=short), api_name="/run")
-    second = Client(served, verbose=False).submit(*lab_inputs(("magmax",), checkpoints=short), api_name="/run")
+    first = Client(served_app, verbose=False).submit(*lab_inputs(("opcm",), checkpoints=short), api_name="/run")
+    second = Client(served_app, verbose=False).submit(*lab_inputs(("magmax",), checkpoints=short), api_name="/run")
     one, two = downloaded_results(first.result()), downloaded_results(second.result())
     assert set(one["methods"]) == {"opcm"} and set(two["methods"]) == {"magmax"}
     assert one["completed_steps"] == two["completed_steps"] == 3

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import app
-
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
@@ -22,25 +20,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def page_url(tmp_path_factory):
-    import os
-
-    cache = tmp_path_factory.mktemp("browser-cache")
-    previous = os.environ.get("MERGING_CACHE")
-    os.environ["MERGING_CACHE"] = str(cache)
-    demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
-    _, url, _ = app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
-    if previous is None:
-        os.environ.pop("MERGING_CACHE", None)
-    else:
-        os.environ["MERGING_CACHE"] = previous
-
-
 @pytest.fixture
-def page(page_url):
+def page(served_app):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -48,7 +29,7 @@ def page(page_url):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 1600, "height": 1400}, accept_downloads=True)
         page = context.new_page()
-        page.goto(page_url)
+        page.goto(served_app)
         page.get_by_role("button", name="Run", exact=True).wait_for()
         yield page
         browser.close()
