@@ -20,17 +20,41 @@ from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES
 from .methods import METHODS
 from .runner import CheckpointSpec, ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
+from .tasks import ASSETS
+
+PROJECT = ASSETS.parent
+
+
+def _shown(source: str) -> str:
+    """Paths inside the project are shown relative to it (``assets/mini/...``), the rest as given."""
+    path = Path(source)
+    if path.is_absolute() and path.is_relative_to(PROJECT):
+        return str(path.relative_to(PROJECT))
+    return source
+
+
+def _located(spec: CheckpointSpec) -> CheckpointSpec:
+    """Relative paths made absolute (from the working directory, else from the project), so the
+    run's saved configuration replays from anywhere; Hub ids stay as they are."""
+    path = Path(spec.source).expanduser()
+    if path.is_absolute():
+        return spec
+    if path.exists():
+        return CheckpointSpec(str(path.resolve()), spec.task)
+    if (PROJECT / path).exists():
+        return CheckpointSpec(str(PROJECT / path), spec.task)
+    return spec
 
 
 def checkpoint_lines(specs: Sequence[CheckpointSpec]) -> str:
     """The editable list: one ``SRC=TASK`` per line, in merge order."""
-    return "\n".join(f"{s.source}={s.task}" for s in specs)
+    return "\n".join(f"{_shown(s.source)}={s.task}" for s in specs)
 
 
 def parse_checkpoint_lines(text: str) -> list[CheckpointSpec]:
     """``SRC`` or ``SRC=TASK`` per line (blank lines and ``#`` comments ignored)."""
     lines = [line.strip() for line in text.splitlines()]
-    return [parse_checkpoint(line) for line in lines if line and not line.startswith("#")]
+    return [_located(parse_checkpoint(line)) for line in lines if line and not line.startswith("#")]
 
 
 def preset_text(preset: str, backbone: str) -> str:

@@ -126,9 +126,13 @@ def test_options_and_bad_requests(private_cache):
         app.preset_list("TA8", "mini")
 
 
-def test_editing_the_checkpoint_list():
+def test_editing_the_checkpoint_list(tmp_path, monkeypatch):
     text = lab.preset_text("mini-8", "mini")
+    assert text.splitlines()[0] == "assets/mini/checkpoints/mini-land-cover=mini-land-cover"  # shown short
     specs = lab.parse_checkpoint_lines(text)
+    monkeypatch.chdir(tmp_path)  # from anywhere, project paths resolve to absolute ones (configs replay)
+    assert lab.parse_checkpoint_lines(text) == specs and Path(specs[0].source).is_absolute()
+    assert lab.parse_checkpoint_lines("org/clip-vit-base-patch32_svhn")[0].source == "org/clip-vit-base-patch32_svhn"
     moved = lab.parse_checkpoint_lines(app.edit_list(text, "down", 1, ""))
     assert [s.task for s in moved[:2]] == [specs[1].task, specs[0].task]
     up = lab.parse_checkpoint_lines(app.edit_list(text, "up", 1, ""))
