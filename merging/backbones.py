@@ -76,6 +76,7 @@ class Backbone:
 
 
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+TRANSFORMERS_PREFIX = "transformers:"  # any transformers CLIPModel repository (or local copy), converted
 
 
 class _QuietRandomInit(logging.Filter):
@@ -178,17 +179,9 @@ def load_backbone(name: str) -> Backbone:
     if name in OPENAI_BACKBONES:
         return _load_openai_open_clip(name, OPENAI_BACKBONES[name])
     spec = openai_backbone(name)
-    if spec is not None or _is_transformers_clip(name):
+    if spec is not None or name.startswith(TRANSFORMERS_PREFIX):
         return _load_transformers(name, spec)
     return _load_open_clip_folder(name, backbone_directory(name))
-
-
-def _is_transformers_clip(name: str) -> bool:
-    """``hf-hub:`` names of transformers repositories are given as ``transformers:ORG/NAME``."""
-    return name.startswith(TRANSFORMERS_PREFIX)
-
-
-TRANSFORMERS_PREFIX = "transformers:"
 
 
 def _load_open_clip_folder(name: str, directory: Path) -> Backbone:

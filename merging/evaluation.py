@@ -45,7 +45,7 @@ class Evaluator:
             parameter.requires_grad_(False)
 
     def test_set(self, task: Task) -> ImageSet:
-        return self.images.load(task, task.dataset.split, self.backbone.preprocess, self.samples)
+        return self.task_images(task, task.dataset.split)
 
     def head(self, task: Task) -> Tensor:
         return self.heads.get(self.backbone, task).to(self.device)
