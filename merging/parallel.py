@@ -18,12 +18,20 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def map_on_threads(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
-    """``[fn(x) for x in items]``, on up to four threads sharing torch's intra-op threads."""
+def map_on_threads(
+    fn: Callable[[T], R], items: Sequence[T], device: torch.device, cost: Callable[[T], float] | None = None
+) -> list[R]:
+    """``[fn(x) for x in items]``, on up to four threads sharing torch's intra-op threads.
+
+    With ``cost``, the dearest items start first (so no thread is left alone with a large one
+    at the end); results still come in the order of ``items``, and so does the first error.
+    """
     threads = torch.get_num_threads()
     workers = min(4, max(1, threads // 2) if threads >= 8 else threads, len(items))
     if device.type != "cpu" or workers <= 1:
         return [fn(item) for item in items]
     per_worker = max(1, threads // workers)
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else range(len(items))
     with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
-        return list(pool.map(fn, items))
+        futures = {i: pool.submit(fn, items[i]) for i in order}
+        return [futures[i].result() for i in range(len(items))]

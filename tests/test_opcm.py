@@ -33,7 +33,7 @@ def reference_projection(merged_delta, task_delta, alpha, projection="block", ze
     return u @ p @ v.T, split
 
 
-@pytest.mark.parametrize("shape", [(48, 48), (96, 32), (32, 96)])
+@pytest.mark.parametrize("shape", [(48, 48), (60, 40), (40, 60), (96, 32), (32, 96)])
 @pytest.mark.parametrize("projection", ["block", "two_sided"])
 @pytest.mark.parametrize("zero_diagonal", [True, False])
 def test_projection_equals_reference_formulation(shape, projection, zero_diagonal):

@@ -72,6 +72,26 @@ def test_incoming_tensors_are_not_modified():
             assert all(torch.equal(copy[k], model[k]) for k in model), method
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("nan"), "has NaN or Inf values in ln_post.bias"),
+        (float("-inf"), "has NaN or Inf values in ln_post.bias"),
+        (3e19, "has values in ln_post.bias too large to merge in float32"),  # finite, but its square overflows
+    ],
+)
+def test_non_finite_or_overflowing_values_are_named_before_any_update(value, message):
+    pretrained = random_encoder(TINY)
+    merger = ready_merger("opcm", pretrained)
+    merger.step(finetuned(pretrained, 1))
+    before = {k: v.clone() for k, v in merger.merged.items()}
+    bad = finetuned(pretrained, 2)
+    bad["ln_post.bias"][5] = value
+    with pytest.raises(CheckpointError, match=message):
+        merger.step(bad)
+    assert merger.step_count == 1 and all(torch.equal(before[k], merger.merged[k]) for k in before)
+
+
 def test_keys_missing_from_finetuned_stay_pretrained():
     pretrained = random_encoder(TINY)
     merger = create_merger("opcm")

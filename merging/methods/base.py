@@ -11,6 +11,7 @@ All arithmetic is float32 on the merger's device, whatever the storage dtype.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, MergingError, OptionError
+from ..parallel import map_on_threads
 from ..state_dict import StateDict, distance
 
 _TRUE = ("true", "1", "yes", "on")
@@ -241,14 +243,23 @@ class ContinualMerger(ABC):
         return keys
 
     def _validated_task_norm(self, incoming: Incoming) -> float:
-        """‖θ_t − θ0‖, reading every parameter once and rejecting NaN or Inf before any update."""
-        total = 0.0
-        for k in incoming:
-            tensor = incoming[k]
-            if not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{incoming.name} has NaN or Inf values in {k}")
-            total += float(torch.linalg.vector_norm(tensor - self.pretrained[k])) ** 2
-        return total**0.5
+        """‖θ_t − θ0‖, reading every parameter once and rejecting NaN or Inf before any update.
+
+        A NaN or Inf anywhere in a parameter makes its norm NaN or Inf, so the norm alone
+        screens for them in the same pass; only a parameter that fails is searched element by
+        element (to tell non-finite values from finite ones too large to square in float32).
+        """
+
+        def checked_norm(key: str) -> float:
+            tensor = incoming[key]
+            norm = float(torch.linalg.vector_norm(tensor - self.pretrained[key]))
+            if not math.isfinite(norm):
+                if not bool(torch.isfinite(tensor).all()):
+                    raise CheckpointError(f"{incoming.name} has NaN or Inf values in {key}")
+                raise CheckpointError(f"{incoming.name} has values in {key} too large to merge in float32")
+            return norm
+
+        return math.sqrt(sum(norm**2 for norm in map_on_threads(checked_norm, incoming.keys(), self.device)))
 
     @abstractmethod
     def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:

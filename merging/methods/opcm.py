@@ -45,14 +45,14 @@ def split_rank(singular_values: Tensor, alpha: float) -> int:
     return int(torch.argmax(exceeds.to(torch.int8))) if bool(exceeds.any()) else 0
 
 
-def reduced_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduced SVD ``matrix = U diag(s) Vᵀ`` of a tall matrix (m ≥ n): U (m, n), s (n), V (n, n).
+def reduced_svd(matrix: Tensor, need_u: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Reduced SVD ``matrix = U diag(s) Vᵀ`` of a tall matrix (m ≥ n): V (n, n), s (n), U (m, n).
 
     V and s come from a float64 eigendecomposition of the n × n Gram matrix (float64 has
     room for the squared condition number), U = A V / s in the matrix's own precision;
-    measured against a float64 SVD this is ten times closer than a float32 SVD. When the
-    matrix is numerically rank-deficient U cannot be recovered that way, and LAPACK's SVD
-    is used instead.
+    measured against a float64 SVD this is ten times closer than a float32 SVD. U is
+    returned only if ``need_u`` (None otherwise), except when the matrix is numerically
+    rank-deficient: U cannot be recovered from A V / s then, and LAPACK's SVD gives all three.
     """
     a64 = matrix.double()
     gram = a64.T @ a64
@@ -62,9 +62,9 @@ def reduced_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s = eigenvalues.flip(0).clamp_min(0).sqrt().to(matrix.dtype)
     if s.numel() == 0 or float(s[-1]) <= _RANK_TOLERANCE * float(s[0]):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u, s, vh.T
+        return vh.T, s, u
     v = v64.flip(1).to(matrix.dtype)
-    return (matrix @ v) / s, s, v
+    return v, s, (matrix @ v) / s if need_u else None
 
 
 def project_task_matrix(
@@ -81,38 +81,70 @@ def project_task_matrix(
     leading split × split block of P is zeroed; with ``two_sided`` its first split rows and
     columns; with ``zero_diagonal`` also every diagonal entry. Returns Δ̃ and split. With
     ``out`` (which may be ``task_delta`` itself) Δ̃ is written there instead of a new tensor.
+
+    Every zeroed entry but the ``two_sided`` columns lies in the reduced bases, so
+    ``Δ̃ = Δ − U_r Z Vᵀ (− Δ V_s V_sᵀ)`` with an n × n ``Z`` holding those entries of P, and
+    ``Z Vᵀ`` is cheap to form: its diagonal part is a row scaling of Vᵀ and its leading rows
+    come straight from ``C = U_rᵀ Δ``. For a matrix more than twice as tall as wide, U_r is
+    never formed: ``U_r = ΔM V / s`` turns ``U_r Z Vᵀ`` into ``ΔM (V S⁻¹ Z Vᵀ)`` and ``C`` into
+    ``S⁻¹ Vᵀ (ΔMᵀ Δ)``, two m × n × n products instead of three.
     """
     if merged_delta.shape[0] < merged_delta.shape[1]:
         projected, split = project_task_matrix(
             merged_delta.T, task_delta.T, alpha, projection, zero_diagonal, None if out is None else out.T
         )
         return projected.T, split
-    u, s, v = reduced_svd(merged_delta)
+    m, n = merged_delta.shape
+    v, s, u = reduced_svd(merged_delta, need_u=m < 2 * n)
     split = split_rank(s, alpha)
-    c = u.T @ task_delta  # C = U_rᵀ Δ (n × n); P restricted to the reduced bases is C V
+    # C = U_rᵀ Δ (n × n); without U_r it is S⁻¹ Vᵀ ΔMᵀ Δ
+    c = u.T @ task_delta if u is not None else (v.T @ (merged_delta.T @ task_delta)) / s[:, None]
     column_part = task_delta @ v[:, :split] if projection == "two_sided" and split else None
+    z_vt = _zeroed_entries_times_vt(c, v, split, projection, zero_diagonal)
     if out is None:
         projected = task_delta.clone()
     else:
         same = out.data_ptr() == task_delta.data_ptr() and out.stride() == task_delta.stride()
         projected = out if same else out.copy_(task_delta)
+    if z_vt is not None:
+        if u is None:
+            projected.addmm_(merged_delta, v @ (z_vt / s[:, None]), alpha=-1)
+        else:
+            projected.addmm_(u, z_vt, alpha=-1)
+    if column_part is not None:
+        projected.addmm_(column_part, v[:, :split].T, alpha=-1)  # columns j < split, all of them
+    return projected, split
+
+
+def _zeroed_entries_times_vt(c: Tensor, v: Tensor, split: int, projection: str, zero_diagonal: bool) -> Tensor | None:
+    """``Z Vᵀ``: the entries of ``P = C V`` that the projection removes, mapped back by Vᵀ.
+
+    ``block``: the diagonal and the leading split × split block. ``two_sided``: the first split
+    rows whole (their ``Z Vᵀ`` rows are ``C``'s own rows) except the leading block, which the
+    caller's column term removes, and the diagonal below them. None when nothing is removed.
+    """
+    n = v.shape[0]
+    vt = v.T
     if zero_diagonal:
-        diagonal = (c * v.T).sum(dim=1)  # P_ii = u_iᵀ Δ v_i
+        diagonal = (c * vt).sum(dim=1)  # P_ii = u_iᵀ Δ v_i
         if projection == "two_sided":
-            diagonal[:split] = 0  # those rows are removed whole below
-        projected.addmm_(u, diagonal[:, None] * v.T, alpha=-1)
+            diagonal[:split] = 0  # those rows are removed whole
+        z_vt = diagonal[:, None] * vt
+    elif split:
+        z_vt = torch.zeros(n, n, dtype=c.dtype, device=c.device)
+    else:
+        return None
     if split:
-        u_s, v_s = u[:, :split], v[:, :split]
+        v_s = v[:, :split]
         block = c[:split] @ v_s  # P[:split, :split]
         if projection == "block":
             if zero_diagonal:
-                block.diagonal().zero_()  # already removed with the diagonal
-            projected.addmm_(u_s @ block, v_s.T, alpha=-1)
+                block.diagonal().zero_()  # already in the diagonal part
+            z_vt[:split].addmm_(block, v_s.T)
         else:
-            projected.addmm_(u_s, c[:split], alpha=-1)  # rows i < split: U_s U_sᵀ Δ
-            projected.addmm_(column_part, v_s.T, alpha=-1)  # columns j < split: Δ V_s V_sᵀ
-            projected.addmm_(u_s @ block, v_s.T)  # their overlap was removed twice
-    return projected, split
+            z_vt[:split] = c[:split]  # rows i < split: P[i, :] Vᵀ = C[i, :]
+            z_vt[:split].addmm_(block, v_s.T, alpha=-1)  # but not their first split columns
+    return z_vt
 
 
 class OPCM(ContinualMerger):
@@ -157,15 +189,20 @@ class OPCM(ContinualMerger):
             self.lambda_prev = 1.0
             return {"lambda": 1.0, "mean_task_norm": mean_norm, "removed_share": 0.0, "matrices": {}}
 
-        updates = map_on_threads(lambda k: self._update(k, incoming[k]), self.merge_keys, self.device)
+        updates = map_on_threads(
+            lambda k: self._update(k, incoming[k]),
+            self.merge_keys,
+            self.device,
+            cost=lambda k: self.pretrained[k].numel(),
+        )
         kept_sq = sum(u.kept_sq for u in updates)
         unnormalised_norm = sum(u.merged_sq for u in updates) ** 0.5
         matrices = {label: entry for u in updates for label, entry in u.matrices.items()}
         degenerate = unnormalised_norm == 0 or mean_norm == 0  # all task vectors zero: nothing to rescale
         lam = 1.0 if degenerate else unnormalised_norm / mean_norm
         factor = 1.0 if degenerate else mean_norm / unnormalised_norm  # as the reference multiplies
-        for k in self.merge_keys:
-            self.merged[k].sub_(self.pretrained[k]).mul_(factor).add_(self.pretrained[k])
+        for k in self.merge_keys:  # p0 + (p − p0)·factor in one pass
+            torch.lerp(self.pretrained[k], self.merged[k], factor, out=self.merged[k])
         self.lambda_prev = lam
         return {
             "lambda": lam,
