@@ -127,8 +127,6 @@ def _zeroed_entries_times_vt(c: Tensor, v: Tensor, split: int, projection: str, 
     vt = v.T
     if zero_diagonal:
         diagonal = (c * vt).sum(dim=1)  # P_ii = u_iᵀ Δ v_i
-        if projection == "two_sided":
-            diagonal[:split] = 0  # those rows are removed whole
         z_vt = diagonal[:, None] * vt
     elif split:
         z_vt = torch.zeros(n, n, dtype=c.dtype, device=c.device)
@@ -142,7 +140,7 @@ def _zeroed_entries_times_vt(c: Tensor, v: Tensor, split: int, projection: str, 
                 block.diagonal().zero_()  # already in the diagonal part
             z_vt[:split].addmm_(block, v_s.T)
         else:
-            z_vt[:split] = c[:split]  # rows i < split: P[i, :] Vᵀ = C[i, :]
+            z_vt[:split] = c[:split]  # rows i < split go whole (diagonal included): P[i, :] Vᵀ = C[i, :]
             z_vt[:split].addmm_(block, v_s.T, alpha=-1)  # but not their first split columns
     return z_vt
 
