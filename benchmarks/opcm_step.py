@@ -109,7 +109,6 @@ def floor_step(pretrained: dict, first: str, second: str, device: torch.device) 
     from merging.parallel import map_on_threads
 
     merged_delta = {k: v.to(device) - pretrained[k].to(device) for k, v in load_encoder(first).items()}
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
     model = {k: v.to(device) for k, v in load_encoder(second).items()}
 
