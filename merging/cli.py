@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli_run import add_run_parser, run_command
+from .cli_run import OneLineParser, add_run_parser, method_options, prepare_run, run_command
 from .devices import DEVICE_CHOICES
 from .errors import MergingError, OptionError
 from .merge import DTYPES, ContinualMerge
 from .methods import METHODS
+from .outputs import check_outputs, write_or_rescue
+from .sources import check_no_duplicates, check_source_text
 
 EXIT_BAD_INPUT = 2
 
@@ -34,7 +36,7 @@ def _show(value: Any) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m merging",
         description="Continual merging of fine-tuned CLIP image encoders.",
     )
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method option, e.g. --opt alpha=0.5 (repeatable; see the list below)",
+        help="a method option, e.g. --opt alpha=0.5 or --opt opcm.alpha=0.5 (repeatable; see the list below)",
     )
     merge.add_argument(
         "--device",
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); "
         "off by default because unpickling can run code",
     )
+    merge.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="merge a checkpoint listed twice twice (refused by default: it is almost always a slip)",
+    )
     add_run_parser(commands)
     return parser
 
@@ -111,7 +118,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise OptionError(f"--opt {pair!r} is not KEY=VALUE")
+            raise OptionError(f"option {pair!r} is not KEY=VALUE")
         options[key.strip()] = value.strip()
     return options
 
@@ -132,30 +139,59 @@ def _format_step(step) -> str:
     return "  ".join(parts)
 
 
-def run_merge(args: argparse.Namespace) -> int:
-    job = ContinualMerge(
+def merge_outputs(out: str, fmt: str | None) -> list[Path]:
+    """The files ``merge --out`` will write (a directory receives the weights and a config)."""
+    path = Path(out)
+    if path.suffix == ".safetensors":
+        return [path]
+    return [path / "model.safetensors", path / "config.json"]
+
+
+def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
+    """Every check that needs no weights: options, sources, duplicates, the output; then open the inputs."""
+    if not args.checkpoint:
+        raise MergingError("no fine-tuned checkpoints given: pass --checkpoint SRC at least once")
+    options = method_options([args.method], args.opt)[args.method]
+    sources = [check_source_text(c) for c in args.checkpoint]
+    pretrained = check_source_text(args.pretrained)
+    check_no_duplicates(sources, args.allow_duplicates)
+    if Path(args.out).suffix != ".safetensors" and args.format == "open_clip":
+        raise MergingError(f"--out {args.out}: the open_clip format is written to a .safetensors file")
+    check_outputs(merge_outputs(args.out, args.format), [pretrained, *sources])
+    return ContinualMerge(
         method=args.method,
-        pretrained=args.pretrained,
-        checkpoints=args.checkpoint,
-        options=parse_options(args.opt),
+        pretrained=pretrained,
+        checkpoints=sources,
+        options=options,
         device=args.device,
         allow_pickle=args.allow_pickle,
     )
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    job = prepare_merge(args)
     print(f"pretrained: {job.base.describe()}", flush=True)
     for reader in job.readers:
         print(f"checkpoint: {reader.describe()}", flush=True)
     try:
         for step in job.steps():
             print(_format_step(step), flush=True)
-    except MergingError as exc:
+    except (MergingError, KeyboardInterrupt) as exc:
         if job.completed:
             partial = _partial_path(Path(args.out), len(job.completed), len(job.readers))
-            job.save(partial, args.format, args.dtype)
+            written = write_or_rescue(
+                lambda path: job.save(path, args.format, args.dtype), partial, "the partial merge"
+            )
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
             raise MergingError(
-                f"{exc}; the merge of the first {len(job.completed)} checkpoints is in {partial}"
+                f"{reason}; the merge of the first {len(job.completed)} checkpoints is in {written[0]}"
             ) from None
+        if isinstance(exc, KeyboardInterrupt):
+            raise MergingError("interrupted before the first checkpoint was merged") from None
         raise
-    written = job.save(args.out, args.format, args.dtype)
+    written = write_or_rescue(
+        lambda path: job.save(path, args.format, args.dtype), Path(args.out), "the merged encoder"
+    )
     fmt = args.format or job.default_format
     print(f"wrote {', '.join(str(w) for w in written)} ({fmt} layout)", flush=True)
     return 0
@@ -167,17 +203,16 @@ def _partial_path(out: Path, done: int, total: int) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; input errors print one line and return 2, and so does a failed write."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a flag argparse refused (2, one line already printed)
+        return int(exit_.code or 0)
     try:
         if args.command == "run":
-            return run_command(args)
-        if args.command == "merge":
-            if not args.checkpoint:
-                raise MergingError("no fine-tuned checkpoints given: pass --checkpoint SRC at least once")
-            return run_merge(args)
+            return run_command(prepare_run(args))
+        return run_merge(args)
     except MergingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    parser.error(f"unknown command {args.command}")
-    return EXIT_BAD_INPUT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,50 @@ from .devices import DEVICE_CHOICES
 from .errors import MergingError, OptionError
 from .evaluation import DEFAULT_SAMPLES
 from .methods import METHODS, get_method
+from .outputs import check_outputs, write_or_rescue
 from .runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
+from .sources import locate
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``error: ...``) and exit status 2, like the rest."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number ≥ 0 (argparse turns the ValueError into a one-line error)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+nonnegative_int.__name__ = "whole number >= 0"  # what argparse calls the type in its message
+
+
+def integer(text: str) -> int:
+    return int(text)
+
+
+integer.__name__ = "integer"
+
+# Flags that a replayed configuration fixes; combining one with --config is an error rather
+# than silently ignored. --device (replay on another machine) and --out may be combined.
+CONFIG_FIXES = (
+    "backbone",
+    "preset",
+    "checkpoint",
+    "method",
+    "opt",
+    "samples",
+    "order_seed",
+    "eval",
+    "allow_duplicates",
+)
 
 
 def add_run_parser(commands) -> None:
@@ -24,7 +68,7 @@ def add_run_parser(commands) -> None:
     run.add_argument("--config", metavar="RESULTS.json", help="replay the run recorded in a results file")
     run.add_argument(
         "--backbone",
-        default="mini",
+        default=None,
         help="mini (default); ViT-B-32, ViT-B-16, ViT-L-14 (open_clip, OpenAI weights); openai/clip-vit-base-patch32 "
         "and the other transformers repositories (converted with their text towers); hf-hub:ORG/NAME[@REV] "
         "(open_clip format); transformers:ORG/NAME; local-dir:PATH",
@@ -58,94 +102,146 @@ def add_run_parser(commands) -> None:
     )
     run.add_argument(
         "--samples",
-        type=int,
-        default=DEFAULT_SAMPLES,
+        type=nonnegative_int,
+        default=None,
         help=f"test images per task, a deterministic subset (default {DEFAULT_SAMPLES}; 0: all)",
     )
     run.add_argument(
         "--order-seed",
-        type=int,
+        type=integer,
         default=None,
         help="shuffle the order with random.seed(S) then random.shuffle (seeds 42-51 in the papers)",
     )
     run.add_argument(
         "--eval",
         choices=("seen", "all"),
-        default="seen",
+        default=None,
         help="evaluate the tasks seen so far (default) or all tasks at every step",
     )
-    run.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where merging and evaluation run")
     run.add_argument(
-        "--out", metavar="RESULTS.json", help="where to write the results (default: results.json, or beside --config)"
+        "--device",
+        choices=DEVICE_CHOICES,
+        default=None,
+        help="where merging and evaluation run (default auto; with --config it overrides the recorded device)",
+    )
+    run.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        default=None,
+        help="merge a checkpoint listed twice twice (refused by default: it is almost always a slip)",
+    )
+    run.add_argument(
+        "--out",
+        metavar="RESULTS.json",
+        help="where to write the results (default: results.json, or replay.json beside --config); checked "
+        "before the run starts",
     )
 
 
 def method_options(methods: list[str], pairs: list[str]) -> dict[str, dict[str, Any]]:
     """``--method`` and ``--opt`` flags → {method: {option: raw value}}."""
     if not methods:
-        raise OptionError(f"no --method given; valid methods: {', '.join(METHODS)}, all")
+        raise OptionError(f"no method given; valid methods: {', '.join(METHODS)}, all")
     names = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
     for name in names:
         get_method(name)
     options: dict[str, dict[str, Any]] = {name: {} for name in names}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise OptionError(f"--opt {pair!r} is not [METHOD.]KEY=VALUE")
+        if not sep or not key.strip():
+            raise OptionError(f"option {pair!r} is not [METHOD.]KEY=VALUE")
+        key, value = key.strip(), value.strip()
         method, dot, option = key.rpartition(".")
         if dot:
             if method not in options:
-                raise OptionError(f"--opt {pair}: method {method} is not among the methods run ({', '.join(names)})")
+                raise OptionError(f"option {pair}: method {method} is not among the methods run ({', '.join(names)})")
             options[method][option] = value
             continue
         takers = [n for n in names if any(o.name == key for o in get_method(n).options)]
+        if not takers and len(names) == 1:
+            options[names[0]][key] = value  # the method names the unknown option and lists its own
+            continue
         if not takers:
-            raise OptionError(f"--opt {pair}: none of the methods run ({', '.join(names)}) has an option {key!r}")
+            raise OptionError(f"option {pair}: none of the methods run ({', '.join(names)}) has an option {key!r}")
         for name in takers:
             options[name][key] = value
     return options
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from the flags, or from ``--config`` (with ``--device`` as the one override)."""
     if args.config:
+        given = [name for name in CONFIG_FIXES if getattr(args, name) not in (None, [], False)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise MergingError(
+                f"{flags} cannot be combined with --config, which fixes the run; edit the configuration or run "
+                "without --config (only --device and --out may be given with it)"
+            )
         try:
             data = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as exc:
             raise MergingError(f"cannot read run configuration {args.config}: {exc}") from None
-        return RunConfig.from_json(data.get("config", data))
+        if not isinstance(data, dict):
+            raise MergingError(f"run configuration {args.config} is not a JSON object")
+        config = RunConfig.from_json(data.get("config", data))
+        if args.device is not None:
+            config.device = args.device
+        return config
     if bool(args.preset) == bool(args.checkpoint):
         raise MergingError("give either --preset NAME or --checkpoint SRC (one or more), not both or neither")
+    backbone = args.backbone or "mini"
     if args.preset:
-        checkpoints = preset_checkpoints(args.preset, backbone=args.backbone)
+        checkpoints = preset_checkpoints(args.preset, backbone=backbone)
     else:
         checkpoints = [parse_checkpoint(c) for c in args.checkpoint]
+        for spec in checkpoints:
+            spec.source = locate(spec.source)
+    samples = DEFAULT_SAMPLES if args.samples is None else args.samples
     return RunConfig(
-        backbone=args.backbone,
+        backbone=backbone,
         checkpoints=shuffled(checkpoints, args.order_seed),
         methods=method_options(args.method, args.opt),
-        samples=None if args.samples == 0 else args.samples,
-        eval=args.eval,
-        device=args.device,
+        samples=None if samples == 0 else samples,
+        eval=args.eval or "seen",
+        device=args.device or "auto",
         preset=args.preset,
         order_seed=args.order_seed,
+        allow_duplicates=bool(args.allow_duplicates),
     )
 
 
-def run_command(args: argparse.Namespace) -> int:
+def output_files(out: Path, config: RunConfig) -> list[Path]:
+    """results.json and the CSV matrix per method that ``run`` writes beside it."""
+    return [out, *(out.with_name(f"{out.stem}.{method}.csv") for method in config.methods)]
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """Everything checked before any work: flags, configuration, methods and options, the output."""
     config = config_from_args(args)
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(args.config).with_name("replay.json") if args.config else Path("results.json"))
-    )
+    for name, options in config.methods.items():
+        get_method(name)(**options)  # options are parsed and range-checked now, not after the references
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.config).with_name("replay.json") if args.config else Path("results.json")
+    inputs = [c.source for c in config.checkpoints] + ([args.config] if args.config else [])
+    check_outputs(output_files(out, config), inputs)
+    return config, out
+
+
+def run_command(prepared: tuple[RunConfig, Path]) -> int:
+    config, out = prepared
     run = ContinualRun(config)
     print(
         f"backbone {config.backbone}; {len(config.checkpoints)} checkpoints; methods {', '.join(config.methods)}; "
         f"{config.samples or 'all'} test images per task; evaluating {config.eval} tasks",
         flush=True,
     )
-    references = run.references
     try:
+        references = run.references
+        for warning in run.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         for report in run.steps():
             parts = [f"step {report.step}/{report.total} +{report.task}"]
             for name, step in report.methods.items():
@@ -155,12 +251,12 @@ def run_command(args: argparse.Namespace) -> int:
                 )
             print("  ".join(parts), flush=True)
     except (MergingError, KeyboardInterrupt) as exc:
-        if not run.reports:
-            raise
-        run.save(out)
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        raise MergingError(f"{reason}; the {len(run.reports)} completed steps are saved in {out}") from None
-    written = run.save(out)
+        if not run.reports:
+            raise MergingError(reason) from None
+        written = write_or_rescue(run.save, out, f"the {len(run.reports)} completed steps")
+        raise MergingError(f"{reason}; the {len(run.reports)} completed steps are saved in {written[0]}") from None
+    written = write_or_rescue(run.save, out)
     print(final_table(run.results(), references))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
