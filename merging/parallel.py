@@ -4,6 +4,11 @@ Much of OPCM's time goes to LAPACK's symmetric eigensolver, which keeps two core
 partly busy. Giving each of two Python threads one intra-op thread runs two
 decompositions at once instead (torch's thread count is per thread, so the caller's
 setting is untouched). On CUDA, or with a single core, work runs in order.
+
+The pool is sized from the *calling* thread's intra-op count, which a run sets to its share
+of the process's budget (:mod:`merging.threads`): when two runs share two cores each has a
+share of 1 and works in order here, so the pools of concurrent runs never add up to more
+threads than cores.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def map_on_threads(
     With ``cost``, the dearest items start first (so no thread is left alone with a large one
     at the end); results still come in the order of ``items``, and so does the first error.
     """
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # the caller's share, never the machine's core count
     workers = min(4, max(1, threads // 2) if threads >= 8 else threads, len(items))
     if device.type != "cpu" or workers <= 1:
         return [fn(item) for item in items]

@@ -35,6 +35,7 @@ from .evaluation import DEFAULT_SAMPLES, Evaluator
 from .methods import METHODS, ContinualMerger, MergeContext, TaskImages, create_merger
 from .metrics import acc, bwt
 from .tasks import Task, TaskRegistry, registry
+from .threads import apply_share, run_slot
 
 EvalMode = Literal["seen", "all"]
 
@@ -109,11 +110,14 @@ def preset_checkpoints(
 
 
 def shuffled(specs: Sequence[CheckpointSpec], seed: int | None) -> list[CheckpointSpec]:
-    """The papers' protocol: ``random.seed(seed)`` then ``random.shuffle`` (no shuffle without a seed)."""
+    """The papers' protocol, ``random.seed(seed)`` then ``random.shuffle`` (no shuffle without a seed).
+
+    A private ``random.Random(seed)`` gives exactly that order without touching the global
+    generator, which concurrent sessions would otherwise race on.
+    """
     specs = list(specs)
     if seed is not None:
-        random.seed(seed)
-        random.shuffle(specs)
+        random.Random(seed).shuffle(specs)
     return specs
 
 
@@ -285,7 +289,18 @@ class ContinualRun:
     # ------------------------------------------------------------ the run
 
     def steps(self) -> Iterator[StepReport]:
-        """Merge and evaluate step after step; each yielded report is already recorded."""
+        """Merge and evaluate step after step; each yielded report is already recorded.
+
+        The run holds a slot of the process's thread budget while it runs, and its thread takes
+        its fair share of the cores before each merge and each evaluation (the share changes as
+        other runs start and end; see :mod:`merging.threads`). The slot is released however the
+        run ends: finished, failed, or closed early by a caller that stops iterating.
+        """
+        with run_slot():
+            apply_share()
+            yield from self._steps()
+
+    def _steps(self) -> Iterator[StepReport]:
         self.references  # noqa: B018 (computed first, so the first step shows the reference lines)
         pretrained = self.backbone.visual_state()
         context = self._merge_context() if any(m.requires_data for m in self.mergers.values()) else None
@@ -300,6 +315,7 @@ class ContinualRun:
             for name, merger in self.mergers.items():
                 reset_peak_memory(self.device)
                 in_use = memory_in_use(self.device)
+                apply_share()
                 started = time.perf_counter()
                 result = merger.step(reader, task=task.name, last=index == total - 1)
                 if self.device.type == "cuda":
@@ -307,6 +323,7 @@ class ContinualRun:
                 merged_at = time.perf_counter()
                 peak = peak_memory_bytes(self.device)
                 heads = merger.heads()
+                apply_share()
                 accuracy = self.evaluator.evaluate(result.merged, evaluated, heads)
                 zeroshot_head = None
                 if self._reports_zeroshot_heads(merger):
