@@ -3,13 +3,18 @@
 ``python app.py`` starts it on the embedded mini benchmark (no network needed). The page
 only wires components to :mod:`merging.lab` (requests, runs, downloads) and
 :mod:`merging.plots` (figures); per-session state holds results as JSON, never weights.
+Hosted (``--hosted``, ``MERGING_HOSTED=1`` or on Hugging Face Spaces), visitors read only
+the embedded assets, Hub ids and their own uploads; every file the lab writes goes to the
+session's private folder (:mod:`merging.hosting`).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +23,19 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a lab that runs offline
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from merging import lab, plots
 from merging.backbones import backbone_choices
-from merging.cli import parse_options
+from merging.checkpoints import open_encoder
+from merging.cli_run import method_options
+from merging.devices import DEVICE_CHOICES
 from merging.errors import MergingError
 from merging.evaluation import DEFAULT_SAMPLES
+from merging.hosting import SourcePolicy, Workspaces, hosted_mode, max_upload_bytes, safe_upload_name
 from merging.merge import ContinualMerge
 from merging.methods import METHODS
+from merging.sources import check_source_text
 from merging.tasks import registry
 
 DEFAULT_PRESET = "mini-8"
@@ -95,39 +105,363 @@ def serve(demo: gr.Blocks, **options: Any):
     return demo.launch(head=KEEP_ZOOM, **options)
 
 
-# ------------------------------------------------------------------ the lab's handlers
+# ------------------------------------------------------------------ errors and limits
+
+LOG = logging.getLogger("merging.app")
+MAX_CHECKPOINTS = 64  # per run or merge: a bound on what one request can make the server do
+HOSTED_SAMPLES = (16, 2000)  # the slider's range; hosted visitors cannot ask for whole Hub test sets
+LAYOUTS = ("hf", "open_clip")
 
 
-def preset_list(preset: str, backbone: str) -> str:
-    """The checkpoint list of a preset for the chosen backbone (an error names what is wrong)."""
-    if not preset:
+def user_error(exc: MergingError) -> gr.Error:
+    """A toast titled "Error" naming the culprit; the server log gets one line, not a traceback."""
+    LOG.info("user error: %s", exc)
+    return gr.Error(str(exc), title="Error", print_exception=False)
+
+
+def warn_user(exc: MergingError) -> None:
+    """Like :func:`user_error` for streaming handlers, which keep their outputs instead of raising."""
+    LOG.info("user error: %s", exc)
+    gr.Warning(str(exc), title="Error")
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def _choice(value: Any, valid: tuple[str, ...] | list[str], what: str) -> str:
+    if not isinstance(value, str) or value not in valid:
+        raise MergingError(f"{what} must be one of {', '.join(valid)}, not {value!r}")
+    return value
+
+
+def _whole(value: Any, what: str) -> int | None:
+    """An optional whole number from a number field (Gradio sends floats), or an error naming the field."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise MergingError(f"{what} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def _text(value: Any, what: str, limit: int = 100_000) -> str:
+    if value is None:
         return ""
-    try:
-        return lab.preset_text(preset, backbone)
-    except MergingError as exc:
-        raise gr.Error(str(exc)) from None
+    if not isinstance(value, str) or len(value) > limit:
+        raise MergingError(f"{what} must be text of at most {limit} characters")
+    return value
 
 
-def shuffle_list(text: str, seed: float | None) -> str:
-    if seed is None:
-        raise gr.Error("give an order seed to shuffle with (42–51 follow the papers' protocol)")
-    try:
-        return lab.shuffle_text(text, int(seed))
-    except MergingError as exc:
-        raise gr.Error(str(exc)) from None
+def max_concurrent_runs() -> int:
+    """How many runs the queue lets compute at once: ``MERGING_CONCURRENT_RUNS``, else one per GPU, or two on a CPU.
+
+    Each run gets its share of the process's threads (merging.threads), so two runs on two
+    cores take about as long together as one after the other, and neither waits for the other.
+    """
+    raw = os.environ.get("MERGING_CONCURRENT_RUNS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise MergingError(f"MERGING_CONCURRENT_RUNS={raw!r} must be a whole number >= 1")
+        return int(raw)
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
 
 
-def edit_list(text: str, action: str, position: float | None, source: str) -> str:
-    """Add a checkpoint, or remove / move up / move down the one at ``position`` (1-based)."""
-    try:
-        if action == "add":
-            return lab.add_line(text, source)
-        index = int(position or 0) - 1
-        if action == "remove":
-            return lab.remove_line(text, index)
-        return lab.move_line(text, index, -1 if action == "up" else 1)
-    except MergingError as exc:
-        raise gr.Error(str(exc)) from None
+# ------------------------------------------------------------------ the handlers
+
+
+class LabHandlers:
+    """Every event handler of the page. Each is an API endpoint a script can call with any
+    value, so each validates its inputs; files go to the session's own folder only."""
+
+    def __init__(self, hosted: bool | None = None, workspaces: Workspaces | None = None):
+        self.hosted = hosted_mode() if hosted is None else hosted
+        self.workspaces = workspaces or Workspaces()
+
+    def policy(self, request: gr.Request | None) -> SourcePolicy:
+        return SourcePolicy(self.hosted, self.workspaces.uploads(session_of(request)))
+
+    # ---------------------------------------------------------------- the checkpoint list
+
+    def preset_list(self, preset: str, backbone: str) -> str:
+        """The checkpoint list of a preset for the chosen backbone (an error names what is wrong)."""
+        if not preset:
+            return ""
+        try:
+            return lab.preset_text(_text(preset, "preset", 200), _text(backbone, "backbone", 500))
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def shuffle_list(self, text: str, seed: float | None) -> str:
+        try:
+            whole = _whole(seed, "order seed")
+            if whole is None:
+                raise MergingError("give an order seed to shuffle with (42–51 follow the papers' protocol)")
+            return lab.shuffle_text(_text(text, "checkpoint list"), whole)
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def edit_list(self, text: str, action: str, position: float | None, source: str) -> str:
+        """Add a checkpoint, or remove / move up / move down the one at ``position`` (1-based)."""
+        try:
+            text = _text(text, "checkpoint list")
+            action = _choice(action, ("add", "remove", "up", "down"), "action")
+            if action == "add":
+                return lab.add_line(text, _text(source, "checkpoint", 2000))
+            index = (_whole(position, "row") or 0) - 1
+            if action == "remove":
+                return lab.remove_line(text, index)
+            return lab.move_line(text, index, -1 if action == "up" else 1)
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def add_uploads(self, request: gr.Request, files: list[str] | None, text: str, with_task: bool = True) -> str:
+        """Keep uploaded .safetensors checkpoints in the session's folder and list them as ``upload:NAME``."""
+        try:
+            text = _text(text, "checkpoint list")
+            lines = [line for line in text.splitlines() if line.strip()]
+            for file in files or []:
+                name = self._store_upload(request, file)
+                if not with_task:
+                    lines.append(f"upload:{name}")
+                    continue
+                try:
+                    spec = lab.parse_checkpoint_lines(f"upload:{name}")[0]
+                except MergingError:
+                    raise MergingError(
+                        f"uploaded {name}, but cannot tell its task from the name; add the line upload:{name}=TASK"
+                    ) from None
+                lines.append(f"upload:{name}={spec.task}")
+            return "\n".join(lines)
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def add_merge_uploads(self, request: gr.Request, files: list[str] | None, text: str) -> str:
+        """Uploads for the merge page, listed as ``upload:NAME`` (no task needed there)."""
+        return self.add_uploads(request, files, text, with_task=False)
+
+    def _store_upload(self, request: gr.Request | None, file: Any) -> str:
+        path = Path(file if isinstance(file, str) else getattr(file, "path", "") or "")
+        if self.hosted and not path.resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+            raise MergingError("only files uploaded through the page can be added")
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise MergingError(f"{path.name or 'the upload'}: only .safetensors checkpoints can be uploaded")
+        size = path.stat().st_size
+        if size > max_upload_bytes():
+            raise MergingError(
+                f"{path.name} is {size / 2**20:.0f} MiB, over the {max_upload_bytes() / 2**20:.0f} MiB upload limit"
+            )
+        name = safe_upload_name(path.name)
+        target = self.workspaces.uploads(session_of(request)) / name
+        shutil.copyfile(path, target)
+        try:
+            open_encoder(target)
+        except MergingError as exc:
+            target.unlink(missing_ok=True)
+            raise MergingError(f"upload {name}: {exc}") from None
+        return name
+
+    # ---------------------------------------------------------------- the continual run
+
+    def lab_request(
+        self,
+        backbone: Any,
+        preset: Any,
+        checkpoints: Any,
+        methods: Any,
+        samples: Any,
+        eval_mode: Any,
+        device: Any,
+        order_seed: Any,
+        allow_duplicates: Any,
+        option_values: tuple[Any, ...],
+    ) -> lab.LabRequest:
+        """The setup panel's values, each checked (a script may send anything)."""
+        if not isinstance(methods, list | tuple) or not all(isinstance(m, str) for m in methods):
+            raise MergingError(f"methods must be a list of method names ({', '.join(METHODS)})")
+        count = _whole(samples, "test images per task")
+        low, high = HOSTED_SAMPLES
+        if self.hosted and (count is None or not low <= count <= high):
+            raise MergingError(f"test images per task must be between {low} and {high} here, not {samples!r}")
+        if count is not None and count < 0:
+            raise MergingError(f"test images per task must be at least 1 (or 0 for all), not {count}")
+        text = _text(checkpoints, "checkpoint list")
+        if len(lab.parse_checkpoint_lines(text)) > MAX_CHECKPOINTS:
+            raise MergingError(f"at most {MAX_CHECKPOINTS} checkpoints per run")
+        if len(option_values) != len(lab.option_fields()):
+            raise MergingError(f"expected {len(lab.option_fields())} option values, got {len(option_values)}")
+        if not isinstance(allow_duplicates, bool | None):
+            raise MergingError(f"allow duplicates must be true or false, not {allow_duplicates!r}")
+        return lab.LabRequest(
+            backbone=_text(backbone, "backbone", 500) or DEFAULT_BACKBONE,
+            checkpoints=text,
+            methods=list(methods),
+            options=lab.options_from_values(list(methods), option_values),
+            samples=count or None,
+            eval=_choice(eval_mode, ("seen", "all"), "evaluate tasks"),
+            device=_choice(device, DEVICE_CHOICES, "device"),
+            preset=_text(preset, "preset", 200) or None,
+            order_seed=_whole(order_seed, "order seed"),
+            allow_duplicates=bool(allow_duplicates),
+        )
+
+    def run_lab(
+        self,
+        request: gr.Request,
+        backbone: str,
+        preset: str,
+        checkpoints: str,
+        methods: list[str],
+        samples: float,
+        eval_mode: str,
+        device: str,
+        order_seed: float | None,
+        layout: str,
+        allow_duplicates: bool,
+        *option_values: Any,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Run continual merging and stream (status, figures, table, files, state, method choice) per step."""
+        try:
+            config = self.lab_request(
+                backbone,
+                preset,
+                checkpoints,
+                methods,
+                samples,
+                eval_mode,
+                device,
+                order_seed,
+                allow_duplicates,
+                option_values,
+            ).config(self.policy(request))
+            layout = _choice(layout, LAYOUTS, "merged encoder layout")
+            folder = self.workspaces.new_folder(session_of(request), "run")
+            for update in lab.stream(config, folder, fmt=layout):
+                heatmap, lines, curves, table = figures_for(update.results, None)
+                names = list(update.results["methods"])
+                choice = gr.update(choices=names, value=names[0])
+                opcm, otmf = plots.internals(update.results)
+                files = [str(f) for f in update.files] or None
+                yield (update.status, heatmap, lines, curves, table, files, update.results, choice, opcm, otmf)
+        except MergingError as exc:
+            # A toast names the culprit; the status line keeps it, and every other output keeps
+            # what the run (or an earlier run) already showed.
+            warn_user(exc)
+            yield (f"**Error:** {exc}", *(gr.skip() for _ in range(9)))
+
+    def stopped(self, results: dict[str, Any] | None) -> str:
+        return lab.stopped_status(results if isinstance(results, dict) else None)
+
+    def show_method(self, results: dict[str, Any] | None, shown: str) -> tuple[Any, Any]:
+        heatmap, _, curves, _ = figures_for(results, shown if isinstance(shown, str) else None)
+        return heatmap, curves
+
+    def analyse(self, request: gr.Request, results: dict[str, Any] | None, layer: str) -> tuple[Any, Any]:
+        """Cosine similarities of the task vectors (and merged deltas) and spectra of a layer."""
+        if not results or not results.get("methods"):
+            raise user_error(MergingError("run something first: the analysis reads the run's checkpoints"))
+        try:
+            downloads = results.get("downloads")
+            if downloads and not self.workspaces.owns(session_of(request), downloads):
+                raise MergingError("this run's files belong to another session")
+            return lab.analysis_figures(results, _text(layer, "layer", 500).strip() or None)
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def push(self, request: gr.Request, results: dict[str, Any] | None, method: str, repo_id: str, token: str) -> str:
+        """Push the shown run's merged encoder (with its results and configuration) to the Hub."""
+        try:
+            folder = self._session_folder(request, (results or {}).get("downloads"), "run a method first")
+            files = [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
+            url = lab.push_to_hub(
+                files, _text(method, "method", 100), _text(repo_id, "repository", 200), _text(token, "token", 500)
+            )
+        except MergingError as exc:
+            raise user_error(exc) from None
+        return f"Pushed the merged encoder of {method} to {url}"
+
+    def _session_folder(self, request: gr.Request | None, folder: Any, missing: str) -> Path:
+        if not isinstance(folder, str) or not folder:
+            raise MergingError(f"nothing to push yet: {missing}")
+        if not self.workspaces.owns(session_of(request), folder) or not Path(folder).is_dir():
+            raise MergingError("these files belong to another session or are gone; run again")
+        return Path(folder)
+
+    # ---------------------------------------------------------------- merge and download
+
+    def merge_checkpoints(
+        self,
+        request: gr.Request,
+        method: str,
+        pretrained: str,
+        checkpoints: str,
+        options: str,
+        device: str,
+        layout: str,
+        allow_duplicates: bool,
+    ) -> Iterator[tuple[str, Any, Any]]:
+        """Merge the listed checkpoints in order, yielding (log, downloads, folder) after every step.
+
+        The merged encoder is written to the session's folder and offered as a download (never
+        to a path the visitor types). Bad input raises an error naming the culprit; steps
+        already logged stay on the page.
+        """
+        log: list[str] = []
+        try:
+            method = _choice(method, [n for n, c in METHODS.items() if not c.requires_data], "method")
+            layout = _choice(layout, LAYOUTS, "layout")
+            policy = self.policy(request)
+            lines = [line.strip() for line in _text(checkpoints, "checkpoint list").splitlines() if line.strip()]
+            if len(lines) > MAX_CHECKPOINTS:
+                raise MergingError(f"at most {MAX_CHECKPOINTS} checkpoints per merge")
+            sources = [policy.checkpoint(check_source_text(line)) for line in lines]
+            base = policy.checkpoint(check_source_text(_text(pretrained, "pretrained encoder", 2000)))
+            pairs = [p.strip() for p in _text(options, "options", 2000).replace("\n", ",").split(",") if p.strip()]
+            job = ContinualMerge(
+                method,
+                base,
+                sources,
+                method_options([method], pairs)[method],
+                _choice(device, DEVICE_CHOICES, "device"),
+                allow_duplicates=bool(allow_duplicates),
+            )
+            log.append(f"pretrained: {job.base.describe()}")
+            log.extend(f"checkpoint: {reader.describe()}" for reader in job.readers)
+            yield "\n".join(log), gr.skip(), gr.skip()
+            for step in job.steps():
+                d = step.diagnostics
+                extra = f", λ = {d['lambda']:.3f}" if "lambda" in d else ""
+                log.append(
+                    f"step {step.index}/{step.total}: {Path(step.source).name} merged in {step.seconds:.2f} s, "
+                    f"‖θ − θ0‖ = {d['merged_norm']:.4g}{extra}"
+                )
+                yield "\n".join(log), gr.skip(), gr.skip()
+            folder = self.workspaces.new_folder(session_of(request), "merge")
+            target = folder if layout == "hf" else folder / f"merged-{method}.safetensors"
+            written = job.save(target, layout)
+            log.append(f"merged encoder ready to download ({layout} layout): " + ", ".join(p.name for p in written))
+            yield "\n".join(log), [str(p) for p in written], str(folder)
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def push_merge(self, request: gr.Request, folder: str | None, repo_id: str, token: str) -> str:
+        try:
+            files = self._session_folder(request, folder, "merge first")
+            url = lab.push_files(
+                sorted(p for p in files.iterdir() if p.is_file()),
+                _text(repo_id, "repository", 200),
+                _text(token, "token", 500),
+            )
+        except MergingError as exc:
+            raise user_error(exc) from None
+        return f"Pushed the merged encoder to {url}"
+
+    def end_session(self, request: gr.Request) -> None:
+        """The page was closed: its files go."""
+        self.workspaces.release(session_of(request))
 
 
 def figures_for(results: dict[str, Any] | None, shown: str | None) -> tuple[Any, Any, Any, Any]:
@@ -141,69 +475,17 @@ def figures_for(results: dict[str, Any] | None, shown: str | None) -> tuple[Any,
     return heatmap, plots.acc_bwt_figure(results), curves, plots.results_table(results)
 
 
-def run_lab(
-    backbone: str,
-    preset: str,
-    checkpoints: str,
-    methods: list[str],
-    samples: float,
-    eval_mode: str,
-    device: str,
-    order_seed: float | None,
-    layout: str,
-    *option_values: Any,
-) -> Iterator[tuple[Any, ...]]:
-    """Run continual merging and stream (status, figures, table, files, state, method choice) per step."""
-    try:
-        request = lab.LabRequest(
-            backbone=backbone,
-            checkpoints=checkpoints,
-            methods=list(methods or []),
-            options=lab.options_from_values(list(methods or []), option_values),
-            samples=None if not samples else int(samples),
-            eval=eval_mode,
-            device=device,
-            preset=preset or None,
-            order_seed=None if order_seed is None else int(order_seed),
-        )
-        config = request.config()
-        folder = Path(tempfile.mkdtemp(prefix="continual-merging-lab-"))
-        for update in lab.stream(config, folder, fmt=layout):
-            heatmap, lines, curves, table = figures_for(update.results, None)
-            choice = gr.update(choices=list(update.results["methods"]), value=next(iter(update.results["methods"])))
-            opcm, otmf = plots.internals(update.results)
-            yield (
-                update.status,
-                heatmap,
-                lines,
-                curves,
-                table,
-                [str(f) for f in update.files] or None,
-                update.results,
-                choice,
-                opcm,
-                otmf,
-            )
-    except MergingError as exc:
-        # A toast names the culprit; the status line keeps it, and every other output keeps
-        # what the run (or an earlier run) already showed.
-        gr.Warning(str(exc))
-        yield (f"**Error:** {exc}", *(gr.skip() for _ in range(9)))
-
-
-def push(files: list[str] | None, method: str, repo_id: str, token: str) -> str:
-    try:
-        url = lab.push_to_hub(files or [], method, repo_id, token)
-    except MergingError as exc:
-        raise gr.Error(str(exc)) from None
-    return f"Pushed the merged encoder of {method} to {url}"
-
-
 def gpu_duration(*args: Any) -> int:
-    """Seconds of GPU time to ask a ZeroGPU Space for: about 20 s per checkpoint and method, at least 60."""
-    checkpoints, methods = args[2], args[3]
-    count = len(lab.parse_checkpoint_lines(checkpoints)) if isinstance(checkpoints, str) else 8
-    return int(min(1500, max(60, 20 * count * max(1, len(methods or [])))))
+    """Seconds of GPU time to ask a ZeroGPU Space for: about 20 s per checkpoint and method, at least 60.
+
+    Called with the run handler's arguments (request first)."""
+    checkpoints, methods = args[3], args[4]
+    try:
+        count = len(lab.parse_checkpoint_lines(checkpoints)) if isinstance(checkpoints, str) else 8
+    except MergingError:
+        count = 1
+    methods = methods if isinstance(methods, list | tuple) else []
+    return int(min(1500, max(60, 20 * count * max(1, len(methods)))))
 
 
 def on_gpu(function):
@@ -213,21 +495,6 @@ def on_gpu(function):
     except ImportError:
         return function
     return spaces.GPU(duration=gpu_duration)(function)
-
-
-def show_method(results: dict[str, Any] | None, shown: str) -> tuple[Any, Any]:
-    heatmap, _, curves, _ = figures_for(results, shown)
-    return heatmap, curves
-
-
-def analyse(results: dict[str, Any] | None, layer: str) -> tuple[Any, Any]:
-    """Cosine similarities of the task vectors (and merged deltas) and spectra of a layer."""
-    if not results or not results.get("methods"):
-        raise gr.Error("run something first: the analysis reads the run's checkpoints and merged encoders")
-    try:
-        return lab.analysis_figures(results, layer.strip() or None)
-    except MergingError as exc:
-        raise gr.Error(str(exc)) from None
 
 
 # ------------------------------------------------------------------ the merge-and-save page
@@ -244,41 +511,12 @@ def methods_markdown() -> str:
     return "\n".join(lines)
 
 
-def merge_checkpoints(
-    method: str, pretrained: str, checkpoints: str, options: str, device: str, out: str
-) -> Iterator[str]:
-    """Merge the listed checkpoints in order, yielding the growing log after every step.
-
-    Bad input raises ``gr.Error`` naming the culprit; steps already logged stay on the page.
-    """
-    sources = [line.strip() for line in checkpoints.splitlines() if line.strip()]
-    pairs = [p.strip() for p in options.replace("\n", ",").split(",") if p.strip()]
-    log: list[str] = []
-    try:
-        job = ContinualMerge(method, pretrained.strip(), sources, parse_options(pairs), device)
-        log.append(f"pretrained: {job.base.describe()}")
-        log.extend(f"checkpoint: {reader.describe()}" for reader in job.readers)
-        yield "\n".join(log)
-        for step in job.steps():
-            d = step.diagnostics
-            extra = f", λ = {d['lambda']:.3f}" if "lambda" in d else ""
-            log.append(
-                f"step {step.index}/{step.total}: {step.source} merged in {step.seconds:.2f} s, "
-                f"‖θ − θ0‖ = {d['merged_norm']:.4g}{extra}"
-            )
-            yield "\n".join(log)
-        if out.strip():
-            written = job.save(out.strip())
-            log.append("wrote " + ", ".join(str(path) for path in written))
-            yield "\n".join(log)
-    except MergingError as exc:
-        raise gr.Error(str(exc)) from None
-
-
 # ------------------------------------------------------------------ the page
 
 
 def option_component(method: str, option) -> gr.components.Component:
+    """An option's input. Ranges are checked by the method, not by Gradio, so that an error
+    names the method and the option (Gradio's own range check names neither)."""
     label = f"{option.name}"
     info = f"{option.help} ({option.valid_values()})"
     if option.choices is not None:
@@ -286,26 +524,31 @@ def option_component(method: str, option) -> gr.components.Component:
     if isinstance(option.default, bool):
         return gr.Checkbox(value=option.default, label=label, info=info)
     precision = 0 if isinstance(option.default, int) else None
-    return gr.Number(
-        value=option.default,
-        label=label,
-        info=info,
-        precision=precision,
-        minimum=option.minimum,
-        maximum=option.maximum,
-    )
+    return gr.Number(value=option.default, label=label, info=info, precision=precision)
 
 
-def build_app() -> gr.Blocks:
+def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) -> gr.Blocks:
+    """The page; ``hosted`` (default: :func:`merging.hosting.hosted_mode`) restricts what visitors may read."""
+    handlers = LabHandlers(hosted, workspaces)
     presets = list(registry().sets)
-    with gr.Blocks(title="Continual merging lab") as demo:
+    compute = {"concurrency_limit": max_concurrent_runs(), "concurrency_id": "compute"}
+    # Gradio's own copies of served files are deleted after an hour too.
+    with gr.Blocks(title="Continual merging lab", delete_cache=(1800, 3600)) as demo:
         results_state = gr.State(None)
+        merge_state = gr.State(None)
         gr.Markdown(
             "# Continual merging lab\n"
             "Merge fine-tuned CLIP image encoders into their pretrained encoder one task at a time and watch "
             "accuracy, forgetting (BWT) and the methods' internals after every step. The embedded mini benchmark "
             "runs offline on a CPU in seconds."
+            + (
+                "\n\nThis is a hosted lab: checkpoints come from the Hub, the embedded benchmark or your uploads; "
+                "your files are private to this session and deleted when you leave."
+                if handlers.hosted
+                else ""
+            )
         )
+        upload_limit = f"{max_upload_bytes() / 2**20:.0f} MiB"
         with gr.Tab("Continual lab"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=320):
@@ -319,7 +562,7 @@ def build_app() -> gr.Blocks:
                     preset = gr.Dropdown(presets, value=DEFAULT_PRESET, label="Preset")
                     checkpoints = gr.Textbox(
                         value=lab.preset_text(DEFAULT_PRESET, DEFAULT_BACKBONE),
-                        label="Checkpoints in merge order (SRC=TASK per line; paths or Hub ids)",
+                        label="Checkpoints in merge order (SRC=TASK per line; Hub ids, embedded paths or uploads)",
                         lines=8,
                     )
                     with gr.Accordion("Edit the list", open=False):
@@ -327,11 +570,19 @@ def build_app() -> gr.Blocks:
                             position = gr.Number(value=1, precision=0, label="Row (1-based)", minimum=1)
                             up, down, remove = gr.Button("Up"), gr.Button("Down"), gr.Button("Remove")
                         with gr.Row():
-                            new_source = gr.Textbox(label="Add a checkpoint (path or ORG/NAME[=TASK])", scale=3)
+                            new_source = gr.Textbox(label="Add a checkpoint (ORG/NAME or path, [=TASK])", scale=3)
                             add = gr.Button("Add", scale=1)
+                        upload = gr.File(
+                            label=f"Upload fine-tuned checkpoints (.safetensors, at most {upload_limit} each)",
+                            file_types=[".safetensors"],
+                            file_count="multiple",
+                        )
                         with gr.Row():
                             order_seed = gr.Number(value=None, precision=0, label="Order seed")
                             shuffle = gr.Button("Shuffle")
+                        allow_duplicates = gr.Checkbox(
+                            value=False, label="Allow duplicates (merge a checkpoint listed twice twice)"
+                        )
                     method_choice = gr.CheckboxGroup(list(METHODS), value=["opcm"], label="Methods (side by side)")
                     option_inputs = []
                     for name, cls in METHODS.items():
@@ -339,16 +590,18 @@ def build_app() -> gr.Blocks:
                             gr.Markdown(cls.summary)
                             option_inputs += [option_component(name, o) for o in cls.options]
                     with gr.Row():
-                        samples = gr.Slider(16, 2000, value=DEFAULT_SAMPLES, step=16, label="Test images per task")
+                        samples = gr.Slider(
+                            *HOSTED_SAMPLES, value=DEFAULT_SAMPLES, step=16, label="Test images per task"
+                        )
                         eval_mode = gr.Radio(["seen", "all"], value="seen", label="Evaluate tasks")
                     with gr.Row():
-                        device = gr.Radio(["auto", "cpu", "cuda"], value="auto", label="Device")
-                        layout = gr.Radio(["hf", "open_clip"], value="hf", label="Merged encoder layout")
+                        device = gr.Radio(list(DEVICE_CHOICES), value="auto", label="Device")
+                        layout = gr.Radio(list(LAYOUTS), value="hf", label="Merged encoder layout")
                     with gr.Row():
                         run = gr.Button("Run", variant="primary")
                         stop = gr.Button("Stop", variant="stop")
                 with gr.Column(scale=3):
-                    status = gr.Markdown("Pick a preset and methods, then Run.")
+                    status = gr.Markdown("Pick a preset and methods, then Run.", elem_id="lab-status")
                     with gr.Row():
                         shown = gr.Dropdown(["opcm"], value="opcm", label="Method shown in the matrix and curves")
                     with gr.Row():
@@ -382,16 +635,17 @@ def build_app() -> gr.Blocks:
                     with gr.Accordion("How the methods work", open=False):
                         gr.Markdown(EXPLANATIONS, latex_delimiters=[{"left": "$", "right": "$", "display": False}])
                         gr.Markdown(methods_markdown())
-            preset.change(preset_list, [preset, backbone], checkpoints)
-            shuffle.click(shuffle_list, [checkpoints, order_seed], checkpoints)
+            preset.change(handlers.preset_list, [preset, backbone], checkpoints)
+            shuffle.click(handlers.shuffle_list, [checkpoints, order_seed], checkpoints)
             for button, action in ((up, "up"), (down, "down"), (remove, "remove"), (add, "add")):
                 button.click(
-                    lambda text, pos, src, a=action: edit_list(text, a, pos, src),
+                    lambda text, pos, src, a=action: handlers.edit_list(text, a, pos, src),
                     [checkpoints, position, new_source],
                     checkpoints,
                 )
+            upload.upload(handlers.add_uploads, [upload, checkpoints], checkpoints)
             event = run.click(
-                on_gpu(run_lab),
+                on_gpu(handlers.run_lab),
                 api_name="run",
                 inputs=[
                     backbone,
@@ -403,6 +657,7 @@ def build_app() -> gr.Blocks:
                     device,
                     order_seed,
                     layout,
+                    allow_duplicates,
                     *option_inputs,
                 ],
                 outputs=[
@@ -417,42 +672,64 @@ def build_app() -> gr.Blocks:
                     opcm_internals,
                     otmf_internals,
                 ],
-                concurrency_limit=1,
-                concurrency_id="gpu",
                 show_progress="minimal",
+                **compute,
             )
-            stop.click(None, cancels=[event])
-            push_button.click(push, [files, push_method, push_repo, push_token], push_status, api_visibility="private")
-            shown.change(show_method, [results_state, shown], [heatmap, curves])
+            stop.click(handlers.stopped, [results_state], [status], cancels=[event], api_name="stop")
+            push_button.click(
+                handlers.push,
+                [results_state, push_method, push_repo, push_token],
+                push_status,
+                api_visibility="private",
+            )
+            shown.change(handlers.show_method, [results_state, shown], [heatmap, curves])
             analyse_button.click(
-                analyse,
-                [results_state, layer],
-                [cosine, spectra],
-                api_name="analyse",
-                concurrency_limit=1,
-                concurrency_id="gpu",
+                handlers.analyse, [results_state, layer], [cosine, spectra], api_name="analyse", **compute
             )
-        with gr.Tab("Merge and save"):
-            gr.Markdown("Merge local or Hub checkpoints into their pretrained encoder and write the result.")
+        with gr.Tab("Merge and download"):
+            gr.Markdown(
+                "Merge checkpoints (Hub ids, embedded ones or your uploads) into their pretrained encoder, then "
+                "download the merged encoder or push it to the Hub."
+            )
             with gr.Row():
                 with gr.Column():
                     merge_methods = [name for name, cls in METHODS.items() if not cls.requires_data]
                     method = gr.Dropdown(merge_methods, value="opcm", label="Method")
-                    pretrained = gr.Textbox(label="Pretrained encoder (path or Hub id)")
+                    pretrained = gr.Textbox(label="Pretrained encoder (Hub id, embedded path or upload:NAME)")
                     merge_list = gr.Textbox(label="Fine-tuned checkpoints, one per line, in merge order", lines=5)
+                    merge_upload = gr.File(
+                        label=f"Upload checkpoints (.safetensors, at most {upload_limit} each)",
+                        file_types=[".safetensors"],
+                        file_count="multiple",
+                    )
                     options = gr.Textbox(label="Options (KEY=VALUE, comma separated)", placeholder="alpha=0.5")
-                    merge_device = gr.Radio(["auto", "cpu", "cuda"], value="auto", label="Device")
-                    out = gr.Textbox(label="Write the merged encoder to (optional path)")
+                    with gr.Row():
+                        merge_device = gr.Radio(list(DEVICE_CHOICES), value="auto", label="Device")
+                        merge_layout = gr.Radio(list(LAYOUTS), value="hf", label="Layout of the merged encoder")
+                    merge_duplicates = gr.Checkbox(value=False, label="Allow duplicates")
                     merge_button = gr.Button("Merge", variant="primary")
                 with gr.Column():
                     log = gr.Textbox(label="Progress", lines=14, interactive=False)
+                    merged_files = gr.File(label="The merged encoder", file_count="multiple", interactive=False)
+                    with gr.Accordion("Push the merged encoder to the Hub", open=False):
+                        with gr.Row():
+                            merge_repo = gr.Textbox(label="Repository (ORG/NAME)")
+                            merge_token = gr.Textbox(label="Token with write access", type="password")
+                        merge_push = gr.Button("Push")
+                        merge_push_status = gr.Markdown()
+            merge_upload.upload(handlers.add_merge_uploads, [merge_upload, merge_list], merge_list)
             merge_button.click(
-                merge_checkpoints,
-                inputs=[method, pretrained, merge_list, options, merge_device, out],
-                outputs=log,
-                concurrency_limit=1,
-                concurrency_id="gpu",
+                handlers.merge_checkpoints,
+                inputs=[method, pretrained, merge_list, options, merge_device, merge_layout, merge_duplicates],
+                outputs=[log, merged_files, merge_state],
+                api_name="merge",
+                **compute,
             )
+            merge_push.click(
+                handlers.push_merge, [merge_state, merge_repo, merge_token], merge_push_status, api_visibility="private"
+            )
+        demo.unload(handlers.end_session)
+    demo.handlers = handlers  # type: ignore[attr-defined]  (tests and scripts reach the session folders)
     return demo
 
 
@@ -462,11 +739,32 @@ def warm_default_run() -> None:
         config = lab.LabRequest(checkpoints=lab.preset_text(DEFAULT_PRESET, DEFAULT_BACKBONE)).config()
         lab.warm_up(config)
     except MergingError as exc:  # a missing benchmark is reported when the user runs it
-        print(f"warm-up skipped: {exc}", file=sys.stderr)
+        LOG.warning("warm-up skipped: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The continual merging lab (a Gradio app).")
+    parser.add_argument(
+        "--hosted",
+        action="store_true",
+        help="public hosting: visitors may read only the embedded assets, Hub ids and their uploads "
+        "(also MERGING_HOSTED=1; on by itself on Hugging Face Spaces)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        demo = build_app(hosted=True if args.hosted else None).queue(max_size=16, default_concurrency_limit=1)
+    except MergingError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    serve(
+        demo,
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        prevent_thread_lock=True,
+        max_file_size=max_upload_bytes(),
+    )
+    threading.Thread(target=warm_default_run, name="warm-up", daemon=True).start()
+    demo.block_thread()
 
 
 if __name__ == "__main__":
-    demo = build_app().queue(max_size=16, default_concurrency_limit=1)
-    serve(demo, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), prevent_thread_lock=True)
-    threading.Thread(target=warm_default_run, name="warm-up", daemon=True).start()
-    demo.block_thread()
+    main()

@@ -165,6 +165,7 @@ def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
         options=options,
         device=args.device,
         allow_pickle=args.allow_pickle,
+        allow_duplicates=args.allow_duplicates,
     )
 
 

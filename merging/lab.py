@@ -18,37 +18,21 @@ from typing import Any
 
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES
+from .hosting import SourcePolicy
 from .methods import METHODS
 from .runner import CheckpointSpec, ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
-from .tasks import ASSETS
-
-PROJECT = ASSETS.parent
-
-
-def _shown(source: str) -> str:
-    """Paths inside the project are shown relative to it (``assets/mini/...``), the rest as given."""
-    path = Path(source)
-    if path.is_absolute() and path.is_relative_to(PROJECT):
-        return str(path.relative_to(PROJECT))
-    return source
+from .sources import check_no_duplicates, locate, portable
 
 
 def _located(spec: CheckpointSpec) -> CheckpointSpec:
     """Relative paths made absolute (from the working directory, else from the project), so the
-    run's saved configuration replays from anywhere; Hub ids stay as they are."""
-    path = Path(spec.source).expanduser()
-    if path.is_absolute():
-        return spec
-    if path.exists():
-        return CheckpointSpec(str(path.resolve()), spec.task)
-    if (PROJECT / path).exists():
-        return CheckpointSpec(str(PROJECT / path), spec.task)
-    return spec
+    list's entries mean the same wherever the run is replayed; Hub ids stay as they are."""
+    return CheckpointSpec(locate(spec.source), spec.task)
 
 
 def checkpoint_lines(specs: Sequence[CheckpointSpec]) -> str:
     """The editable list: one ``SRC=TASK`` per line, in merge order."""
-    return "\n".join(f"{_shown(s.source)}={s.task}" for s in specs)
+    return "\n".join(f"{portable(s.source)}={s.task}" for s in specs)
 
 
 def parse_checkpoint_lines(text: str) -> list[CheckpointSpec]:
@@ -119,15 +103,23 @@ class LabRequest:
     device: str = "auto"
     preset: str | None = None
     order_seed: int | None = None
+    allow_duplicates: bool = False
 
-    def config(self) -> RunConfig:
+    def config(self, policy: SourcePolicy | None = None) -> RunConfig:
+        """The run configuration; ``policy`` decides which sources a (hosted) visitor may read."""
+        policy = policy or SourcePolicy()
         if not self.methods:
             raise MergingError(f"choose at least one method ({', '.join(METHODS)})")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise MergingError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
         specs = parse_checkpoint_lines(self.checkpoints)
         if not specs:
             raise MergingError("the checkpoint list is empty: pick a preset or add checkpoints")
+        check_no_duplicates([s.source for s in specs], self.allow_duplicates)
+        specs = [CheckpointSpec(policy.checkpoint(s.source), s.task) for s in specs]
         return RunConfig(
-            backbone=self.backbone,
+            backbone=policy.backbone(self.backbone),
             checkpoints=specs,
             methods={m: dict(self.options.get(m, {})) for m in self.methods},
             samples=self.samples,
@@ -135,6 +127,7 @@ class LabRequest:
             device=self.device,
             preset=self.preset,
             order_seed=self.order_seed,
+            allow_duplicates=self.allow_duplicates,
         )
 
 
@@ -186,8 +179,9 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
         [],
     )
     run.references  # noqa: B018 (before the first step, so the reference lines show at once)
+    warning = "".join(f"\n\n⚠ {w}" for w in run.warnings)
     yield LabUpdate(
-        run.results(), 0, total, f"Reference rows ready ({time.perf_counter() - started:.1f} s); merging…", []
+        run.results(), 0, total, f"Reference rows ready ({time.perf_counter() - started:.1f} s); merging…{warning}", []
     )
     encoder_bytes = sum(t.numel() * 4 for t in run.backbone.model.visual.state_dict().values())
     for report in run.steps():
@@ -200,9 +194,24 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
         status = f"Step {report.step}/{report.total} (+{report.task}): " + "; ".join(parts)
         if report.step == report.total:
             status += f". Done in {time.perf_counter() - started:.1f} s."
+        status += warning
         results = run.results()
         results["downloads"] = str(folder)
         yield LabUpdate(results, report.step, report.total, status, files)
+
+
+def stopped_status(results: Mapping[str, Any] | None) -> str:
+    """What the status says after Stop: how far the run got, and that nothing computed is lost."""
+    if not results or not results.get("methods"):
+        return "Stopped before the first step; nothing was computed yet."
+    done = int(results.get("completed_steps", 0))
+    total = len(results.get("tasks", [])) or done
+    if done == 0:
+        return f"Stopped before the first of {total} steps; the reference rows are shown."
+    return (
+        f"Stopped after step {done} of {total}. The completed steps stay on the page, and their results "
+        "and merged encoders stay in the downloads."
+    )
 
 
 def warm_up(config: RunConfig) -> None:
@@ -233,7 +242,7 @@ def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
     if completed == 0:
         raise MergingError("no step has completed yet")
     base = load_backbone(config["backbone"]).visual_state()
-    models = [open_encoder(c["source"]) for c in config["checkpoints"][:completed]]
+    models = [open_encoder(locate(c["source"])) for c in config["checkpoints"][:completed]]
     names = [f"τ {task}" for task in results["tasks"][:completed]]
     folder = Path(results.get("downloads", ""))
     for method in results["methods"]:
@@ -255,14 +264,7 @@ def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
     return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, alpha)
 
 
-def push_to_hub(files: Sequence[str | Path], method: str, repo_id: str, token: str, private: bool = True) -> str:
-    """Upload a method's merged encoder (and the run's results and config) to a Hub model repository.
-
-    Uses the token the user gives (never stored); returns the repository URL. The upload
-    is the only thing in the lab that writes to the Hub.
-    """
-    from huggingface_hub import HfApi
-
+def _hub_repo(repo_id: str, token: str) -> str:
     from .hub import HubError, parse_hub_id
 
     try:
@@ -273,19 +275,38 @@ def push_to_hub(files: Sequence[str | Path], method: str, repo_id: str, token: s
         raise MergingError(f"give the repository to push to as ORG/NAME, not {repo_id.strip()!r}")
     if not token.strip():
         raise MergingError("pushing to the Hub needs a token with write access")
+    return ref.repo_id
+
+
+def push_files(
+    files: Mapping[str, str | Path] | Sequence[str | Path], repo_id: str, token: str, private: bool = True
+) -> str:
+    """Upload files (name in the repository → local file, or local files under their own names) to a
+    Hub model repository with the token the user gives (never stored); returns the repository URL.
+    Pushing is the only thing in the lab that writes to the Hub."""
+    from huggingface_hub import HfApi
+
+    repo = _hub_repo(repo_id, token)
+    named = dict(files) if isinstance(files, Mapping) else {Path(f).name: f for f in files}
+    if not named:
+        raise MergingError("nothing to push: no files")
+    api = HfApi(token=token.strip())
+    try:
+        url = api.create_repo(repo, private=private, exist_ok=True)
+        for name, path in named.items():
+            api.upload_file(path_or_fileobj=str(path), path_in_repo=name, repo_id=repo)
+    except Exception as exc:  # one line naming the repository, whatever the Hub answered
+        raise MergingError(f"pushing to {repo} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    return str(url)
+
+
+def push_to_hub(files: Sequence[str | Path], method: str, repo_id: str, token: str, private: bool = True) -> str:
+    """Upload a method's merged encoder (and the run's results and configuration) to a Hub model repository."""
+    _hub_repo(repo_id, token)
     paths = {Path(f).name: Path(f) for f in files}
     encoder = paths.get(f"merged-{method}.safetensors")
     if encoder is None:
         raise MergingError(f"no merged encoder of {method} in this run's downloads (run it first)")
-    api = HfApi(token=token.strip())
-    try:
-        url = api.create_repo(ref.repo_id, private=private, exist_ok=True)
-        api.upload_file(path_or_fileobj=str(encoder), path_in_repo="model.safetensors", repo_id=ref.repo_id)
-        for name in ("results.json", "config.json"):
-            if name in paths:
-                api.upload_file(path_or_fileobj=str(paths[name]), path_in_repo=name, repo_id=ref.repo_id)
-    except Exception as exc:  # one line naming the repository, whatever the Hub answered
-        raise MergingError(
-            f"pushing to {ref.repo_id} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        ) from None
-    return str(url)
+    named: dict[str, str | Path] = {"model.safetensors": encoder}
+    named.update({name: paths[name] for name in ("results.json", "config.json") if name in paths})
+    return push_files(named, repo_id, token, private)

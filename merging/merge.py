@@ -23,6 +23,7 @@ from .checkpoints import EncoderReader, check_compatible, open_encoder, save_enc
 from .devices import resolve_device
 from .errors import CheckpointError
 from .methods import ContinualMerger, create_merger
+from .sources import check_no_duplicates, locate
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,16 +49,18 @@ class ContinualMerge:
     options: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
     allow_pickle: bool = False
+    allow_duplicates: bool = False
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
             raise CheckpointError("no fine-tuned checkpoints given: at least one is needed")
+        check_no_duplicates(list(self.checkpoints), self.allow_duplicates)
         self.merger: ContinualMerger = create_merger(self.method, self.options)
         self.torch_device = resolve_device(self.device)
-        self.base: EncoderReader = open_encoder(self.pretrained, self.allow_pickle)
+        self.base: EncoderReader = open_encoder(locate(self.pretrained), self.allow_pickle)
         self.readers: list[EncoderReader] = []
         for source in self.checkpoints:
-            reader = open_encoder(source, self.allow_pickle)
+            reader = open_encoder(locate(source), self.allow_pickle)
             check_compatible(self.base, reader)
             if self.readers and set(reader) != set(self.readers[0]):
                 differing = sorted(set(reader) ^ set(self.readers[0]))[0]

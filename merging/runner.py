@@ -33,6 +33,7 @@ from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolv
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES, Evaluator
 from .methods import METHODS, ContinualMerger, MergeContext, TaskImages, create_merger
+from .sources import WEIGHT_SUFFIXES, check_no_duplicates, check_source_text, is_task_label, locate, portable
 from .metrics import acc, bwt
 from .tasks import Task, TaskRegistry, registry
 from .threads import apply_share, run_slot
@@ -59,19 +60,31 @@ class RunConfig:
     eval: EvalMode = "seen"
     device: str = "auto"
     preset: str | None = None
+    allow_duplicates: bool = False
     order_seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready, with checkpoint paths inside the project relative to it, so it replays anywhere."""
+        data = asdict(self)
+        data["checkpoints"] = [{"source": portable(c.source), "task": c.task} for c in self.checkpoints]
+        return data
 
     @classmethod
+        """A configuration as saved by :meth:`to_json` (relative checkpoint paths are the project's)."""
+        if not isinstance(data, Mapping):
+            raise MergingError("a run configuration must be a JSON object")
     def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
             raise MergingError(f"run configuration has unknown field {unknown[0]!r}")
         values = dict(data)
-        values["checkpoints"] = [CheckpointSpec(**c) for c in data.get("checkpoints", [])]
+        try:
+            values["checkpoints"] = [
+                CheckpointSpec(locate(str(c["source"])), str(c["task"])) for c in data.get("checkpoints", [])
+            ]
+        except (TypeError, KeyError):
+            raise MergingError("run configuration: each checkpoint needs a source and a task") from None
         return cls(**values)
 
 
@@ -128,7 +141,9 @@ def infer_task(source: str, tasks: TaskRegistry | None = None) -> str:
     longest registered task name that the last path component ends with wins.
     """
     tasks = tasks or registry()
-    name = Path(source.rstrip("/")).name
+    name = Path(source.rstrip("/")).name.split("@")[0]
+    for suffix in WEIGHT_SUFFIXES:
+        name = name.removesuffix(suffix)
     matches = [t for t in tasks.tasks if name == t or name.endswith(("_" + t, "-" + t))]
     if not matches:
         raise MergingError(
@@ -139,12 +154,40 @@ def infer_task(source: str, tasks: TaskRegistry | None = None) -> str:
 
 
 def parse_checkpoint(argument: str, tasks: TaskRegistry | None = None) -> CheckpointSpec:
-    """``SRC`` or ``SRC=TASK`` → a checkpoint with its task."""
+    """``SRC`` or ``SRC=TASK`` → a checkpoint with its task.
+
+    The text after the last ``=`` is a task label unless it contains a path separator (so
+    ``/runs/lr=1e-4/ckpt`` is a path); a label must be a registered task.
+    """
     tasks = tasks or registry()
-    source, sep, task = argument.rpartition("=")
-    if sep and task in tasks.tasks:
-        return CheckpointSpec(source, task)
-    return CheckpointSpec(argument, infer_task(argument, tasks))
+    source, sep, task = argument.strip().rpartition("=")
+    if sep and is_task_label(task.strip()):
+        task = task.strip()
+        if task not in tasks.tasks:
+            raise MergingError(f"unknown task {task!r}; registered tasks: {', '.join(tasks.tasks)}")
+        return CheckpointSpec(check_source_text(source), task)
+    if sep and not task.strip():
+        raise MergingError(f"{argument.strip()!r}: nothing after '='; write SRC=TASK or just SRC")
+    source = check_source_text(argument)
+    return CheckpointSpec(source, infer_task(source, tasks))
+
+
+def label_warnings(checkpoints: Sequence[CheckpointSpec], references: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """A warning per checkpoint that scores below the pretrained zero-shot model on its own task.
+
+    Fine-tuning on a task practically always beats zero-shot on it, so this almost always
+    means the ``=TASK`` label names the wrong task (and every number of the run is off).
+    """
+    warnings = []
+    for spec in checkpoints:
+        finetuned = references.get("finetuned", {}).get(spec.task)
+        pretrained = references.get("pretrained", {}).get(spec.task)
+        if finetuned is not None and pretrained is not None and finetuned < pretrained:
+            warnings.append(
+                f"checkpoint {spec.source} scores {100 * finetuned:.1f}% on its task {spec.task}, below the pretrained "
+                f"zero-shot {100 * pretrained:.1f}%: its task label is probably wrong"
+            )
+    return warnings
 
 
 @dataclass
@@ -181,6 +224,11 @@ class ContinualRun:
         if not config.methods:
             raise MergingError(f"no method given; valid methods: {', '.join(METHODS)}")
         if config.eval not in ("seen", "all"):
+        if config.samples is not None and (isinstance(config.samples, bool) or not isinstance(config.samples, int)):
+            raise MergingError(f"samples must be a whole number of test images per task, not {config.samples!r}")
+        if config.samples is not None and config.samples < 1:
+            raise MergingError(f"samples must be at least 1 test image per task (or all), not {config.samples}")
+        check_no_duplicates([c.source for c in config.checkpoints], config.allow_duplicates)
             raise MergingError(f"eval must be seen or all, not {config.eval!r}")
         self.config = config
         self.tasks_registry = registry()
@@ -195,7 +243,7 @@ class ContinualRun:
         self.readers: list[EncoderReader] = []
         base = _BackboneEncoder(self.backbone)
         for spec in config.checkpoints:
-            reader = open_encoder(spec.source)
+            reader = open_encoder(locate(spec.source))
             check_compatible(base, reader)
             self.readers.append(reader)
         for spec, task in zip(config.checkpoints, self.tasks, strict=True):
@@ -203,6 +251,7 @@ class ContinualRun:
             if any(m.requires_data for m in self.mergers.values()):
                 self._check_train_split(task, spec)
         self.reports: list[StepReport] = []
+        self.warnings: list[str] = []
         self._references: dict[str, dict[str, float]] | None = None
 
     def _check_dataset(self, task: Task, spec: CheckpointSpec) -> None:
@@ -255,6 +304,7 @@ class ContinualRun:
     def references(self) -> dict[str, dict[str, float]]:
         """Zero-shot accuracy of the pretrained model, and each checkpoint's on its own task."""
         if self._references is None:
+            self.warnings = label_warnings(self.config.checkpoints, self._references)
             self._references = self._load_or_compute_references()
         return self._references
 
@@ -391,6 +441,7 @@ class ContinualRun:
                     }
                     for s in steps
                 ],
+            "warnings": list(self.warnings),
             }
         return {
             "config": self.config.to_json(),

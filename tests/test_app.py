@@ -15,21 +15,40 @@ from merging.methods import METHODS
 from merging.runner import ContinualRun, RunConfig, preset_checkpoints
 
 
-def test_merge_handler_streams_one_update_per_step(tmp_path, checkpoint_dirs):
+HANDLERS = app.LabHandlers(hosted=False)
+
+
+def merge(*args, handlers=HANDLERS, layout="hf", duplicates=False):
+    """The Merge page's handler as the page calls it (no request: the local session)."""
+    method, pretrained, checkpoints, options, device = args
+    return list(handlers.merge_checkpoints(None, method, pretrained, checkpoints, options, device, layout, duplicates))
+
+
+def test_merge_handler_streams_one_update_per_step_and_offers_the_download(checkpoint_dirs):
     base, fine = checkpoint_dirs
-    out = tmp_path / "merged.safetensors"
-    updates = list(app.merge_checkpoints("opcm", str(base), "\n".join(map(str, fine)), "alpha=0.5", "cpu", str(out)))
-    assert [u.count("step ") for u in updates] == [0, 1, 2, 3, 3]
-    assert "λ =" in updates[-2] and updates[-1].endswith(f"wrote {out}")
-    assert set(load_encoder(out)) >= {"conv1.weight", "ln_post.weight"}
+    updates = merge("opcm", str(base), "\n".join(map(str, fine)), "opcm.alpha=0.5", "cpu")
+    logs = [u[0] for u in updates]
+    assert [log.count("step ") for log in logs] == [0, 1, 2, 3, 3]
+    assert "λ =" in logs[-2] and "merged encoder ready to download (hf layout)" in logs[-1]
+    files, folder = updates[-1][1:]
+    assert {Path(f).name for f in files} == {"model.safetensors", "config.json"}
+    assert HANDLERS.workspaces.owns(None, folder) and all(Path(f).parent == Path(folder) for f in files)
+    assert set(load_encoder(Path(folder))) >= {"conv1.weight", "ln_post.weight"}
+    open_clip_files = merge("magmax", str(base), str(fine[0]), "", "cpu", layout="open_clip")[-1][1]
+    assert [Path(f).name for f in open_clip_files] == ["merged-magmax.safetensors"]
 
 
 def test_bad_input_becomes_a_gradio_error(tmp_path, checkpoint_dirs):
     base, fine = checkpoint_dirs
     with pytest.raises(gr.Error, match="checkpoint not found"):
-        list(app.merge_checkpoints("opcm", str(base), str(tmp_path / "missing"), "", "cpu", ""))
+        merge("opcm", str(base), str(tmp_path / "missing"), "", "cpu")
     with pytest.raises(gr.Error, match="unknown option 'beta'"):
-        list(app.merge_checkpoints("opcm", str(base), str(fine[0]), "beta=2", "cpu", ""))
+        merge("opcm", str(base), str(fine[0]), "beta=2", "cpu")
+    with pytest.raises(gr.Error, match="listed twice"):
+        merge("opcm", str(base), f"{fine[0]}\n{fine[0]}", "", "cpu")
+    assert len(merge("opcm", str(base), f"{fine[0]}\n{fine[0]}", "", "cpu", duplicates=True)[-1][1]) == 2
+    with pytest.raises(gr.Error, match="method must be one of"):
+        merge("otmf", str(base), str(fine[0]), "", "cpu")  # needs task data: not a merge-page method
 
 
 def test_page_builds_and_lists_every_method():
@@ -47,9 +66,27 @@ OPTION_DEFAULTS = [o.default for cls in METHODS.values() for o in cls.options]
 SAMPLES = 48
 
 
-def lab_inputs(methods=("opcm",), checkpoints=None, samples=SAMPLES, options=None):
+def lab_inputs(methods=("opcm",), checkpoints=None, samples=SAMPLES, options=None, duplicates=False):
+    """The Run endpoint's inputs, as a script sends them."""
     text = lab.preset_text("mini-8", "mini") if checkpoints is None else checkpoints
-    return ["mini", "mini-8", text, list(methods), samples, "seen", "cpu", None, "hf", *(options or OPTION_DEFAULTS)]
+    return [
+        "mini",
+        "mini-8",
+        text,
+        list(methods),
+        samples,
+        "seen",
+        "cpu",
+        None,
+        "hf",
+        duplicates,
+        *(options or OPTION_DEFAULTS),
+    ]
+
+
+def run_lab(*inputs, handlers=HANDLERS):
+    """The Run handler as the page calls it, for the local session."""
+    return handlers.run_lab(None, *inputs)
 
 
 @pytest.fixture
@@ -58,7 +95,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
-    updates = list(app.run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
+    updates = list(run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
     # two updates before the first step (checkpoints found; reference rows ready), then one per step
     assert len(updates) == 2 + 8 and [u[0].startswith("Step ") for u in updates] == [False] * 2 + [True] * 8
     status, heatmap, lines, curves, table, files, results, _, opcm, otmf = updates[-1]
@@ -87,7 +124,7 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
 def test_the_downloaded_config_replays_with_the_command_line(private_cache, tmp_path):
     from merging.cli import main
 
-    files, results = list(app.run_lab(*lab_inputs(checkpoints=lab.preset_text("mini-8", "mini"))))[-1][5:7]
+    files, results = list(run_lab(*lab_inputs(checkpoints=lab.preset_text("mini-8", "mini"))))[-1][5:7]
     config = next(f for f in files if f.endswith("config.json"))
     assert main(["run", "--config", config, "--out", str(tmp_path / "replay.json")]) == 0
     replay = json.loads((tmp_path / "replay.json").read_text())
@@ -97,7 +134,7 @@ def test_the_downloaded_config_replays_with_the_command_line(private_cache, tmp_
 
 
 def test_stopping_keeps_what_was_computed(private_cache):
-    stream = app.run_lab(*lab_inputs())
+    stream = run_lab(*lab_inputs())
     updates = [next(stream) for _ in range(5)]  # checkpoints, references, then three steps
     stream.close()  # what Gradio does when Stop cancels the event
     files, results = updates[-1][5:7]
@@ -119,11 +156,11 @@ def test_options_and_bad_requests(private_cache):
         ),
         (lab_inputs(options=[*values[:alpha], 1.5, *values[alpha + 1 :]]), "opcm option alpha=1.5 is out of range"),
     ):
-        updates = list(app.run_lab(*inputs))
+        updates = list(run_lab(*inputs))
         assert len(updates) == 1 and message in updates[0][0] and updates[0][0].startswith("**Error:**")
         assert all(isinstance(u, dict) and u.get("__type__") == "update" for u in updates[0][1:])  # gr.skip()
     with pytest.raises(gr.Error, match="preset TA8 has Hub checkpoints only for the OpenAI CLIP backbones"):
-        app.preset_list("TA8", "mini")
+        HANDLERS.preset_list("TA8", "mini")
 
 
 def test_editing_the_checkpoint_list(tmp_path, monkeypatch):
@@ -133,38 +170,38 @@ def test_editing_the_checkpoint_list(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # from anywhere, project paths resolve to absolute ones (configs replay)
     assert lab.parse_checkpoint_lines(text) == specs and Path(specs[0].source).is_absolute()
     assert lab.parse_checkpoint_lines("org/clip-vit-base-patch32_svhn")[0].source == "org/clip-vit-base-patch32_svhn"
-    moved = lab.parse_checkpoint_lines(app.edit_list(text, "down", 1, ""))
+    moved = lab.parse_checkpoint_lines(HANDLERS.edit_list(text, "down", 1, ""))
     assert [s.task for s in moved[:2]] == [specs[1].task, specs[0].task]
-    up = lab.parse_checkpoint_lines(app.edit_list(text, "up", 1, ""))
+    up = lab.parse_checkpoint_lines(HANDLERS.edit_list(text, "up", 1, ""))
     assert up == specs  # the first row cannot move up
-    removed = lab.parse_checkpoint_lines(app.edit_list(text, "remove", 8, ""))
+    removed = lab.parse_checkpoint_lines(HANDLERS.edit_list(text, "remove", 8, ""))
     assert removed == specs[:7]
-    added = lab.parse_checkpoint_lines(app.edit_list(text, "add", None, "org/clip-vit-base-patch32_svhn"))
+    added = lab.parse_checkpoint_lines(HANDLERS.edit_list(text, "add", None, "org/clip-vit-base-patch32_svhn"))
     assert added[-1].source == "org/clip-vit-base-patch32_svhn" and added[-1].task == "svhn"
     import random
 
     expected = list(specs)
     random.seed(42)
     random.shuffle(expected)
-    assert lab.parse_checkpoint_lines(app.shuffle_list(text, 42)) == expected
+    assert lab.parse_checkpoint_lines(HANDLERS.shuffle_list(text, 42)) == expected
     with pytest.raises(gr.Error, match="give an order seed"):
-        app.shuffle_list(text, None)
+        HANDLERS.shuffle_list(text, None)
 
 
 def test_analysis_reads_the_run(private_cache):
     with pytest.raises(gr.Error, match="run something first"):
-        app.analyse(None, "")
+        HANDLERS.analyse(None, None, "")
     three = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])
-    update = list(app.run_lab(*lab_inputs(("opcm", "otmf"), checkpoints=three)))[-1]
+    update = list(run_lab(*lab_inputs(("opcm", "otmf"), checkpoints=three)))[-1]
     results, opcm, otmf = update[6], update[8], update[9]
-    cosine, spectra = app.analyse(results, "")
+    cosine, spectra = HANDLERS.analyse(None, results, "")
     assert len(cosine.data[0].z) == 5  # three task vectors and two merged deltas
     assert len(spectra.data) == 2 * 5
     assert [t.y[-1] for t in opcm.data if t.name == "√t"] == [pytest.approx(3**0.5)]
     assert sum(1 for t in otmf.data if (t.name or "").startswith("step")) == 2 * 2  # pre and post, steps 2 and 3
     assert any("mask mean" in (t.name or "") for t in otmf.data)
     with pytest.raises(gr.Error, match="no matrix 'nope'"):
-        app.analyse(results, "nope")
+        HANDLERS.analyse(None, results, "nope")
 
 
 # ---------------------------------------------------------------- the page over HTTP
@@ -242,11 +279,11 @@ def test_push_to_hub_uploads_the_merged_encoder_with_the_given_token(tmp_path, m
             calls.append(("upload", Path(path_or_fileobj).name, path_in_repo, repo_id))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    files = []
-    for name in ("merged-opcm.safetensors", "results.json", "config.json"):
-        (tmp_path / name).write_text("x")
-        files.append(str(tmp_path / name))
-    message = app.push(files, "opcm", "me/merged", "hf_secret")
+    folder = HANDLERS.workspaces.new_folder(None, "run")
+    for name in ("merged-opcm.safetensors", "results.json", "config.json", "results.opcm.csv"):
+        (folder / name).write_text("x")
+    results = {"downloads": str(folder), "methods": {"opcm": {}}}
+    message = HANDLERS.push(None, results, "opcm", "me/merged", "hf_secret")
     assert message == "Pushed the merged encoder of opcm to https://huggingface.co/me/merged"
     assert calls == [
         ("token", "hf_secret"),
@@ -256,18 +293,23 @@ def test_push_to_hub_uploads_the_merged_encoder_with_the_given_token(tmp_path, m
         ("upload", "config.json", "config.json", "me/merged"),
     ]
     with pytest.raises(gr.Error, match="no merged encoder of ties"):
-        app.push(files, "ties", "me/merged", "hf_secret")
+        HANDLERS.push(None, results, "ties", "me/merged", "hf_secret")
     with pytest.raises(gr.Error, match="needs a token"):
-        app.push(files, "opcm", "me/merged", " ")
+        HANDLERS.push(None, results, "opcm", "me/merged", " ")
     with pytest.raises(gr.Error, match="as ORG/NAME"):
-        app.push(files, "opcm", "not a repo", "hf_secret")
+        HANDLERS.push(None, results, "opcm", "not a repo", "hf_secret")
+    # a script cannot push another session's files, or any server folder
+    other = HANDLERS.workspaces.new_folder("another-session", "run")
+    for folder_given in (str(other), str(tmp_path), "/etc"):
+        with pytest.raises(gr.Error, match="belong to another session"):
+            HANDLERS.push(None, {"downloads": folder_given}, "opcm", "me/merged", "hf_secret")
 
 
 def test_spaces_gpu_wraps_the_run_only_when_the_package_exists(monkeypatch):
     import sys
     import types
 
-    assert app.on_gpu(app.run_lab) is app.run_lab  # no spaces package here
+    assert app.on_gpu(HANDLERS.run_lab) == HANDLERS.run_lab  # no spaces package here
     seen = {}
 
     def gpu(duration):
@@ -278,10 +320,11 @@ def test_spaces_gpu_wraps_the_run_only_when_the_package_exists(monkeypatch):
         return wrap
 
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
-    assert app.on_gpu(app.run_lab) is app.run_lab and seen["duration"] is app.gpu_duration
+    assert app.on_gpu(HANDLERS.run_lab) == HANDLERS.run_lab and seen["duration"] is app.gpu_duration
     text = lab.preset_text("mini-8", "mini")
-    assert app.gpu_duration("mini", "mini-8", text, ["opcm", "ties"]) == 20 * 8 * 2
-    assert app.gpu_duration("mini", "mini-8", "", ["opcm"]) == 60
+    assert app.gpu_duration(None, "mini", "mini-8", text, ["opcm", "ties"]) == 20 * 8 * 2
+    assert app.gpu_duration(None, "mini", "mini-8", "", ["opcm"]) == 60
+    assert app.gpu_duration(None, "mini", "mini-8", "hello world ???", "not a list") == 60
 
 
 def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch):
@@ -296,7 +339,7 @@ def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch)
         return original(self, incoming, task_norm)
 
     monkeypatch.setattr(OPCM, "_merge", failing)
-    updates = list(app.run_lab(*lab_inputs()))
+    updates = list(run_lab(*lab_inputs()))
     assert [u[0].split(" ")[0] for u in updates] == ["Checkpoints", "Reference", "Step", "Step", "**Error:**"]
     assert "mini-traffic-signs is broken (simulated)" in updates[-1][0]
     files, results = updates[-2][5:7]
