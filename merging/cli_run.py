@@ -14,7 +14,7 @@ from .evaluation import DEFAULT_SAMPLES
 from .methods import METHODS, get_method
 from .outputs import check_outputs, write_or_rescue
 from .runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
-from .sources import locate
+from .sources import check_no_duplicates, locate
 
 EXIT_BAD_INPUT = 2
 
@@ -219,6 +219,7 @@ def output_files(out: Path, config: RunConfig) -> list[Path]:
 def prepare_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Everything checked before any work: flags, configuration, methods and options, the output."""
     config = config_from_args(args)
+    check_no_duplicates([c.source for c in config.checkpoints], config.allow_duplicates)
     for name, options in config.methods.items():
         get_method(name)(**options)  # options are parsed and range-checked now, not after the references
     if args.out:
