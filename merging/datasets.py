@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +28,11 @@ from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from torchvision.transforms.functional import pil_to_tensor
 
 from .backbones import Preprocess
+from .disk_cache import DiskCache, cache_root
 from .errors import MergingError
 from .tasks import Task
 
 SAMPLE_SEED = 0
-
-
-def cache_root() -> Path:
-    """Where decoded images and zero-shot heads are cached (``MERGING_CACHE`` overrides)."""
-    return Path(os.environ.get("MERGING_CACHE", Path.home() / ".cache" / "continual-merging-lab"))
 
 
 @dataclass
@@ -103,32 +97,36 @@ def normalise(images: Tensor, spec: Preprocess, dtype: torch.dtype = torch.float
 
 
 class ImageCache:
-    """Decoded, preprocessed image sets, in memory and on disk; counts what it had to decode."""
+    """Decoded, preprocessed image sets, in memory and on disk; counts what it had to decode.
+
+    The cache key stamps the dataset's files, which for a Hub dataset means resolving its
+    snapshot. That snapshot cannot change within a process, so a Hub dataset's key is
+    remembered per request and an in-memory hit asks the Hub nothing; a local dataset is
+    re-stamped at every load (a few ``stat`` calls), so edited files are noticed.
+    """
 
     def __init__(self, directory: Path | None = None):
-        self.directory = (directory or cache_root()) / "images"
+        self.disk = DiskCache(directory or cache_root(), "images")
+        self.directory = self.disk.directory
         self._memory: dict[str, ImageSet] = {}
+        self._keys: dict[tuple, str] = {}  # Hub datasets: request → key, so memory hits need no Hub call
         self.decoded = 0  # images decoded by this cache (tests check that a second run decodes none)
 
     def load(self, task: Task, split: str, spec: Preprocess, limit: int | None) -> ImageSet:
-        key = self._key(task, split, spec, limit)
+        """The preprocessed sample of a split: from memory, else from disk, else decoded (and stored)."""
+        request = (task.name, task.dataset, split, spec.key(), limit)
+        key = self._keys.get(request) or self._key(task, split, spec, limit)
         if key in self._memory:
             return self._memory[key]
-        path = self.directory / f"{key}.safetensors"
-        if path.is_file():
-            try:
-                stored = load_file(str(path))
-                result = ImageSet(stored["images"], stored["labels"])
-            except Exception:  # a stale or broken cache file is rebuilt, never trusted
-                result = self._decode(task, split, spec, limit)
-        else:
+        name = f"{key}.safetensors"
+        result = self.disk.read(name, _read_image_set)  # None when missing or damaged: rebuilt, never trusted
+        if result is None:
             result = self._decode(task, split, spec, limit)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # a unique name, then a rename: concurrent runs (the app's warm-up) never read or mix half files
-            temporary = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
-            save_file({"images": result.images.contiguous(), "labels": result.labels}, str(temporary))
-            temporary.replace(path)
+            tensors = {"images": result.images.contiguous(), "labels": result.labels}
+            self.disk.write(name, lambda path: save_file(tensors, str(path)))
         self._memory[key] = result
+        if not task.dataset.is_local:
+            self._keys[request] = key
         return result
 
     def _key(self, task: Task, split: str, spec: Preprocess, limit: int | None) -> str:
@@ -159,3 +157,8 @@ class ImageCache:
         if not tensors:
             raise MergingError(f"dataset of task {task.name}: split {split!r} is empty")
         return ImageSet(torch.stack(tensors), torch.from_numpy(labels[chosen]))
+
+
+def _read_image_set(path: Path) -> ImageSet:
+    stored = load_file(str(path))
+    return ImageSet(stored["images"], stored["labels"])

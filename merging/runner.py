@@ -15,9 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +28,7 @@ from .backbones import Backbone, load_backbone
 from .checkpoints import EncoderReader, check_compatible, open_encoder
 from .datasets import cache_root
 from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
+from .disk_cache import DiskCache
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES, Evaluator
 from .methods import METHODS, ContinualMerger, MergeContext, TaskImages, create_merger
@@ -318,22 +317,18 @@ class ContinualRun:
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:20]
 
     def _load_or_compute_references(self) -> dict[str, dict[str, float]]:
-        path = self.cache_dir / "references" / f"{self._reference_key()}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:  # a damaged cache entry is recomputed, never trusted
-                pass
+        """From the bounded disk cache (shared with concurrent runs), else evaluated and stored."""
+        disk = DiskCache(self.cache_dir, "references")
+        name = f"{self._reference_key()}.json"
+        cached = disk.read(name, lambda path: json.loads(path.read_text()))  # None: missing or damaged
+        if cached is not None:
+            return cached
         pretrained = self.evaluator.evaluate(None, self.tasks)
         finetuned = {}
         for task, reader in zip(self.tasks, self.readers, strict=True):
             finetuned[task.name] = self.evaluator.evaluate(reader.load(), [task])[task.name]
         result = {"pretrained": pretrained, "finetuned": finetuned}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # written under a unique name and renamed, so a concurrent run (the app's warm-up) never reads half a file
-        temporary = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
-        temporary.write_text(json.dumps(result))
-        temporary.replace(path)
+        disk.write(name, lambda path: path.write_text(json.dumps(result)))
         return result
 
     # ------------------------------------------------------------ the run

@@ -8,8 +8,6 @@ task's names and templates, so they are cached in memory and on disk.
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .backbones import Backbone
+from .disk_cache import DiskCache
 from .tasks import Task
 
 
@@ -33,29 +32,23 @@ def build_head(backbone: Backbone, classnames: tuple[str, ...], templates: tuple
 
 
 class HeadCache:
-    """Zero-shot heads per (backbone, task), in memory and under ``directory/heads``."""
+    """Zero-shot heads per (backbone, task), in memory and under ``directory/heads`` (bounded, see disk_cache)."""
 
     def __init__(self, directory: Path):
-        self.directory = directory / "heads"
+        self.disk = DiskCache(directory, "heads")
+        self.directory = self.disk.directory
         self._memory: dict[str, Tensor] = {}
 
     def get(self, backbone: Backbone, task: Task) -> Tensor:
+        """The task's head: from memory, else from disk, else built from the text tower (and stored)."""
         text = "\n".join(task.classnames) + "\n--\n" + "\n".join(task.templates)
         key = f"{backbone.fingerprint}-{task.name}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
         if key not in self._memory:
-            path = self.directory / f"{key}.safetensors"
-            head = None
-            if path.is_file():
-                try:
-                    head = load_file(str(path))["head"]
-                except Exception:  # a damaged cache entry is rebuilt, never trusted
-                    head = None
+            name = f"{key}.safetensors"
+            head = self.disk.read(name, lambda path: load_file(str(path))["head"])  # None: missing or damaged
             if head is None:
                 head = build_head(backbone, task.classnames, task.templates)
-                self.directory.mkdir(parents=True, exist_ok=True)
-                # unique name, then rename: a concurrent writer (the app's warm-up) never leaves half a file
-                temporary = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
-                save_file({"head": head.contiguous()}, str(temporary))
-                temporary.replace(path)
+                stored = {"head": head.contiguous()}
+                self.disk.write(name, lambda path: save_file(stored, str(path)))
             self._memory[key] = head
         return self._memory[key]
