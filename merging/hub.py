@@ -4,7 +4,8 @@ Everything goes through the standard Hub cache (``HF_HOME``, ``HF_HUB_CACHE``), 
 ``HF_TOKEN`` and the library's offline mode (``HF_HUB_OFFLINE=1``). Only the files a
 checkpoint, backbone or dataset split needs are downloaded: the repository's file list is
 read first (a dry run, which downloads nothing), the files are chosen from it, their size is
-checked against a cap, and only then are they fetched. When the Hub cannot be reached, the
+checked against a cap, and only then are they fetched; a repository (or dataset split) is
+listed once per process, later calls reuse the listing. When the Hub cannot be reached, the
 cache answers; if it holds nothing for the id the error says so at once. Repository code is
 never executed: only JSON configs, safetensors (and, on explicit opt-in, pickles read with
 ``weights_only=True``) and parquet files are ever fetched.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIGS = ("config.json", "open_clip_config.json", "model.safetensors.index.json")
 _WEIGHT_PRIORITY = ("model.safetensors", "open_clip_model.safetensors")
 _PICKLES = ("pytorch_model.bin", "open_clip_pytorch_model.bin", "*.bin", "*.pt", "*.pth")
+
+# fetch()'s memory: (Hub cache, offline, type, id, revision, patterns) → (snapshot folder, file list)
+_listings: dict[tuple, tuple[Path, tuple[str, ...]]] = {}
+_listing_locks: dict[tuple, threading.Lock] = {}
+_listings_lock = threading.Lock()
 
 
 class HubError(MergingError):
@@ -119,7 +126,41 @@ def fetch(ref: HubRef, choose: Callable[[list[str]], list[str]], patterns: Seque
     files' total size is checked against the cap, then only they are fetched. Offline or
     unreachable: the cached snapshot answers, or an error names the id at once.
     Returns the local snapshot folder.
+
+    Each listing costs HTTP requests, so a successful one is remembered for the life of the
+    process per (Hub cache, offline mode, repository, revision, patterns): the same split or
+    checkpoint is listed once, and later calls only re-run ``choose`` on the remembered file
+    list and check that its files are still on disk (if not, it is resolved afresh).
     """
+    key = (_hub_cache(), is_offline(), ref.repo_type, ref.repo_id, ref.revision, tuple(patterns))
+    with _listings_lock:
+        key_lock = _listing_locks.setdefault(key, threading.Lock())
+    with key_lock:  # a concurrent caller for the same key waits and then finds the listing
+        remembered = _listings.get(key)
+        if remembered is not None:
+            folder, files = remembered
+            if all((folder / f).is_file() for f in choose(list(files))):
+                return folder
+        folder, files = _resolve(ref, choose, patterns)
+        _listings[key] = (folder, tuple(files))
+        return folder
+
+
+def clear_listing_cache() -> None:
+    """Forget every remembered listing (tests; or to see a revision that moved since the first call)."""
+    with _listings_lock:
+        _listings.clear()
+        _listing_locks.clear()
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _resolve(ref: HubRef, choose: Callable[[list[str]], list[str]], patterns: Sequence[str]) -> tuple[Path, list[str]]:
+    """:func:`fetch` without the memory: the snapshot folder and the file list ``choose`` was given."""
     from huggingface_hub import errors
 
     if not is_offline():
@@ -139,7 +180,7 @@ def fetch(ref: HubRef, choose: Callable[[list[str]], list[str]], patterns: Seque
                     f"{size_cap_bytes() / 1e9:.1f} GB cap (raise MERGING_MAX_DOWNLOAD_GB to allow it)"
                 )
             try:
-                return Path(_snapshot(ref, chosen))
+                return Path(_snapshot(ref, chosen)), sorted(sizes)
             except Exception as exc:  # every Hub failure becomes one line naming the id
                 raise _translate(ref, exc) from None
     try:
@@ -151,7 +192,7 @@ def fetch(ref: HubRef, choose: Callable[[list[str]], list[str]], patterns: Seque
     missing = [f for f in chosen if not (folder / f).is_file()]
     if missing:
         raise HubError(f"{_describe(ref)}: {missing[0]} is not in the local Hub cache and the Hub cannot be reached")
-    return folder
+    return folder, present
 
 
 def _is_cached(listing, filename: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from merging.backbones import load_backbone
 from merging.checkpoints import load_encoder, open_encoder
 from merging.cli import main
 from merging.errors import MergingError
-from merging.hub import HubError, choose_model_files, parse_hub_id
+from merging.hub import HubError, choose_model_files, clear_listing_cache, parse_hub_id
 from merging.runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints
 from merging.tasks import ASSETS, registry
 
@@ -48,9 +49,11 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGING_REGISTRY", str(registry_file))
     registry.cache_clear()
     load_backbone.cache_clear()
+    clear_listing_cache()
     yield cache
     registry.cache_clear()
     load_backbone.cache_clear()
+    clear_listing_cache()
 
 
 def test_hub_ids_are_told_from_paths(tmp_path):
@@ -201,6 +204,7 @@ def test_the_size_cap_is_checked_before_anything_is_downloaded(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub_module, "_snapshot", fake_snapshot)
     monkeypatch.setenv("MERGING_MAX_DOWNLOAD_GB", "2")
+    clear_listing_cache()
     with pytest.raises(
         HubError,
         match=r"org/big: config.json, model.safetensors would download 3.00 GB, over the "
@@ -279,3 +283,86 @@ def test_a_checkpoint_of_another_architecture_is_named_with_the_difference(hub, 
         MergingError, match=r"testorg/clip-tiny_hub-mini-land-cover .*\(a different architecture: width 32 vs 96"
     ):
         ContinualRun(config)
+
+
+def fake_hub(monkeypatch, tmp_path, repositories):
+    """Online mode against a fake ``_snapshot`` serving ``repositories`` (id → file names); records each call."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    import merging.hub as hub_module
+
+    calls = []
+
+    def fake_snapshot(ref, patterns, *, dry_run=False, local_only=False):
+        calls.append((ref.repo_id, ref.revision, tuple(patterns), dry_run))
+        folder = tmp_path / "snapshots" / ref.repo_id / (ref.revision or "main")
+        if dry_run:
+            names = [n for n in repositories[ref.repo_id] if any(fnmatch.fnmatch(n, p) for p in patterns)]
+            return [DryRunFileInfo("c" * 40, 10, n, str(folder / n), (folder / n).is_file(), True) for n in names]
+        for name in patterns:  # the real download is asked for exactly the chosen files
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(b"x" * 10)
+        return str(folder)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_module, "_snapshot", fake_snapshot)
+    clear_listing_cache()
+    return calls
+
+
+def test_a_repository_is_listed_once_per_revision_and_split_per_process(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merging.hub import dataset_folder, dataset_split_patterns, model_folder
+
+    data = ["data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "README.md"]
+    calls = fake_hub(monkeypatch, tmp_path, {"org/clip": ["config.json", "model.safetensors"], "org/data": data})
+
+    def listings() -> list[tuple]:
+        return [call[:3] for call in calls if call[3]]
+
+    first = model_folder("org/clip")
+    assert (first / "model.safetensors").is_file() and len(calls) == 2  # one listing, one download
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: model_folder("org/clip"), range(8))) == [first] * 8
+    assert len(calls) == 2
+    assert model_folder("org/clip@v2") != first and [r for _, r, _ in listings()] == [None, "v2"]
+    for _ in range(3):
+        assert (dataset_folder("org/data", "test") / data[0]).is_file()
+        assert (dataset_folder("org/data", "train") / data[1]).is_file()
+    split_listings = [patterns for repo, _, patterns in listings() if repo == "org/data"]
+    assert len(split_listings) == 2 and split_listings == [tuple(dataset_split_patterns(s)) for s in ("test", "train")]
+    clear_listing_cache()
+    model_folder("org/clip")
+    assert listings()[-1] == ("org/clip", None, ("*",))  # after clearing, listed afresh
+
+
+def test_a_remembered_listing_whose_files_went_missing_is_resolved_afresh(monkeypatch, tmp_path):
+    from merging.hub import model_folder
+
+    calls = fake_hub(monkeypatch, tmp_path, {"org/clip": ["config.json", "model.safetensors"]})
+    folder = model_folder("org/clip")
+    (folder / "model.safetensors").unlink()  # e.g. the Hub cache was pruned meanwhile
+    assert (model_folder("org/clip") / "model.safetensors").is_file()
+    assert [c[3] for c in calls] == [True, False, True, False]
+
+
+def test_images_already_in_memory_need_no_hub_call(hub, tmp_path, monkeypatch):
+    import merging.hub as hub_module
+    from merging.backbones import Preprocess
+    from merging.datasets import ImageCache
+
+    calls = []
+    real = hub_module._snapshot
+    monkeypatch.setattr(hub_module, "_snapshot", lambda *a, **k: calls.append(a[0].repo_id) or real(*a, **k))
+    task, spec = registry().get(f"hub-{TASKS[0]}"), Preprocess(image_size=8)
+    cache = ImageCache(tmp_path / "images-cache")
+    data = cache.load(task, "test", spec, limit=4)
+    assert calls == [f"testorg/{TASKS[0]}"]
+    assert ImageCache(tmp_path / "images-cache").load(task, "test", spec, limit=4).images.equal(data.images)
+    assert len(calls) == 1  # a new cache (read from disk) reuses the process's listing
+    clear_listing_cache()
+    assert cache.load(task, "test", spec, limit=4) is data and len(calls) == 1  # memory: no Hub call at all
+    assert cache.load(task, "test", spec, limit=5) is not data and len(calls) == 2  # another sample: resolved
