@@ -32,8 +32,8 @@ from .disk_cache import DiskCache
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES, Evaluator
 from .methods import METHODS, ContinualMerger, MergeContext, TaskImages, create_merger
-from .sources import WEIGHT_SUFFIXES, check_no_duplicates, check_source_text, is_task_label, locate, portable
 from .metrics import acc, bwt
+from .sources import WEIGHT_SUFFIXES, check_no_duplicates, check_source_text, is_task_label, locate, portable
 from .tasks import Task, TaskRegistry, registry
 from .threads import apply_share, run_slot
 
@@ -59,8 +59,8 @@ class RunConfig:
     eval: EvalMode = "seen"
     device: str = "auto"
     preset: str | None = None
-    allow_duplicates: bool = False
     order_seed: int | None = None
+    allow_duplicates: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready, with checkpoint paths inside the project relative to it, so it replays anywhere."""
@@ -69,10 +69,10 @@ class RunConfig:
         return data
 
     @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
         """A configuration as saved by :meth:`to_json` (relative checkpoint paths are the project's)."""
         if not isinstance(data, Mapping):
             raise MergingError("a run configuration must be a JSON object")
-    def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -223,12 +223,12 @@ class ContinualRun:
         if not config.methods:
             raise MergingError(f"no method given; valid methods: {', '.join(METHODS)}")
         if config.eval not in ("seen", "all"):
+            raise MergingError(f"eval must be seen or all, not {config.eval!r}")
         if config.samples is not None and (isinstance(config.samples, bool) or not isinstance(config.samples, int)):
             raise MergingError(f"samples must be a whole number of test images per task, not {config.samples!r}")
         if config.samples is not None and config.samples < 1:
             raise MergingError(f"samples must be at least 1 test image per task (or all), not {config.samples}")
         check_no_duplicates([c.source for c in config.checkpoints], config.allow_duplicates)
-            raise MergingError(f"eval must be seen or all, not {config.eval!r}")
         self.config = config
         self.tasks_registry = registry()
         self.tasks: list[Task] = [self.tasks_registry.get(c.task) for c in config.checkpoints]
@@ -250,8 +250,8 @@ class ContinualRun:
             if any(m.requires_data for m in self.mergers.values()):
                 self._check_train_split(task, spec)
         self.reports: list[StepReport] = []
-        self.warnings: list[str] = []
         self._references: dict[str, dict[str, float]] | None = None
+        self.warnings: list[str] = []
 
     def _check_dataset(self, task: Task, spec: CheckpointSpec) -> None:
         """Find (and, from the Hub, fetch) the test split before any step runs."""
@@ -303,8 +303,8 @@ class ContinualRun:
     def references(self) -> dict[str, dict[str, float]]:
         """Zero-shot accuracy of the pretrained model, and each checkpoint's on its own task."""
         if self._references is None:
-            self.warnings = label_warnings(self.config.checkpoints, self._references)
             self._references = self._load_or_compute_references()
+            self.warnings = label_warnings(self.config.checkpoints, self._references)
         return self._references
 
     def _reference_key(self) -> str:
@@ -436,12 +436,12 @@ class ContinualRun:
                     }
                     for s in steps
                 ],
-            "warnings": list(self.warnings),
             }
         return {
             "config": self.config.to_json(),
             "tasks": [t.name for t in self.tasks],
             "completed_steps": len(self.reports),
+            "warnings": list(self.warnings),
             "reference": self.references if references or self._references is not None else {},
             "methods": methods,
         }
