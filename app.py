@@ -122,7 +122,7 @@ def user_error(exc: MergingError) -> gr.Error:
 def warn_user(exc: MergingError) -> None:
     """Like :func:`user_error` for streaming handlers, which keep their outputs instead of raising."""
     LOG.info("user error: %s", exc)
-    gr.Warning(str(exc), title="Error")
+    gr.Warning(str(exc), title="Error")  # Gradio 6.31 still heads a warning toast "Warning"
 
 
 def session_of(request: gr.Request | None) -> str | None:

@@ -24,9 +24,7 @@ def checkpoint_dirs(tmp_path, pretrained_state):
     return base, fine
 
 
-@pytest.fixture(scope="module")
-def served_app(tmp_path_factory):
-    """The lab launched on 127.0.0.1 (a free port) with a private cache, for gradio_client and the browser."""
+def _serve(tmp_path_factory, hosted: bool):
     import os
 
     import app
@@ -34,7 +32,7 @@ def served_app(tmp_path_factory):
     cache = tmp_path_factory.mktemp("served-cache")
     previous = os.environ.get("MERGING_CACHE")
     os.environ["MERGING_CACHE"] = str(cache)
-    demo = app.build_app().queue(max_size=16, default_concurrency_limit=1)
+    demo = app.build_app(hosted=hosted).queue(max_size=16, default_concurrency_limit=1)
     _, url, _ = app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
@@ -42,3 +40,15 @@ def served_app(tmp_path_factory):
         os.environ.pop("MERGING_CACHE", None)
     else:
         os.environ["MERGING_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """The lab launched on 127.0.0.1 (a free port) with a private cache, for gradio_client and the browser."""
+    yield from _serve(tmp_path_factory, hosted=False)
+
+
+@pytest.fixture(scope="module")
+def served_hosted_app(tmp_path_factory):
+    """The same in hosted mode, as on a public Space."""
+    yield from _serve(tmp_path_factory, hosted=True)

@@ -14,7 +14,6 @@ from merging.checkpoints import load_encoder
 from merging.methods import METHODS
 from merging.runner import ContinualRun, RunConfig, preset_checkpoints
 
-
 HANDLERS = app.LabHandlers(hosted=False)
 
 

@@ -64,16 +64,17 @@ def test_default_run_renders_every_live_plot_and_downloads(page, tmp_path):
     assert 0.5 < results["methods"]["opcm"]["acc"] < 1.0
 
 
-def test_stop_keeps_the_steps_already_shown(page, tmp_path):
+def test_stop_keeps_the_steps_already_shown_and_says_stopped(page, tmp_path):
     page.get_by_label("otmf").check()  # OPCM and OTMF side by side: a longer run
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text(re.compile(r"^Step 2/8")).wait_for(timeout=120_000)
     page.get_by_role("button", name="Stop", exact=True).click()
-    page.wait_for_timeout(1500)
-    stopped = status_text(page)
+    acknowledged = page.get_by_text(re.compile(r"^Stopped after step \d+ of 8")).first
+    acknowledged.wait_for(timeout=30_000)
+    stopped = acknowledged.inner_text()
     page.wait_for_timeout(6000)  # a running OTMF would have finished more steps by now
-    assert status_text(page) == stopped and "Done in" not in stopped
-    completed = int(re.match(r"Step (\d+)/8", stopped).group(1))
+    assert acknowledged.inner_text() == stopped and "stay in the downloads" in stopped
+    completed = int(re.search(r"step (\d+) of 8", stopped).group(1))
     assert 2 <= completed < 8
     assert page.locator(".js-plotly-plot").count() == 3
     page.screenshot(path=str(ARTIFACTS / "lab-stopped.png"), full_page=True)
@@ -116,6 +117,48 @@ def test_an_error_names_the_culprit_and_keeps_earlier_results(page):
     assert curves.locator(".scatterlayer .trace").count() == 2  # the earlier run's two tasks are still drawn
     assert page.get_by_text("Error", exact=True).count() == 0  # no output is blanked by an error overlay
     assert page.get_by_role("button", name="Run", exact=True).is_enabled()
+
+
+@pytest.fixture
+def hosted_page(served_hosted_app):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        page = browser.new_context(viewport={"width": 1600, "height": 1400}, accept_downloads=True).new_page()
+        page.goto(served_hosted_app)
+        page.get_by_role("button", name="Run", exact=True).wait_for()
+        yield page
+        browser.close()
+
+
+def test_the_merge_page_offers_a_download_and_no_server_path_when_hosted(hosted_page, tmp_path):
+    from merging.checkpoints import load_encoder
+
+    page = hosted_page
+    page.get_by_role("tab", name="Merge and download").click()
+    labels = page.locator("label").all_inner_texts()
+    assert not any(re.search(r"write|output|save to", text, re.IGNORECASE) for text in labels), labels
+    page.get_by_label(re.compile("Pretrained encoder")).fill("assets/mini/base")
+    page.get_by_label(re.compile("Fine-tuned checkpoints, one per line")).fill(
+        "assets/mini/checkpoints/mini-letters\nassets/mini/checkpoints/mini-digits"
+    )
+    page.get_by_role("button", name="Merge", exact=True).click()
+    link = page.locator('a[download="model.safetensors"]').first
+    link.wait_for(timeout=60_000)
+    with page.expect_download() as download:
+        link.click()
+    target = tmp_path / "merged" / "model.safetensors"
+    target.parent.mkdir()
+    download.value.save_as(target)
+    assert {"conv1.weight", "ln_post.weight"} <= set(load_encoder(target))
+    page.screenshot(path=str(ARTIFACTS / "merge-download.png"), full_page=True)
+    page.get_by_label(re.compile("Pretrained encoder")).fill("/etc")
+    page.get_by_role("button", name="Merge", exact=True).click()
+    page.get_by_text(re.compile("server paths cannot be read on this hosted lab: '/etc'")).first.wait_for(
+        timeout=30_000
+    )
 
 
 def test_readme_shows_a_screenshot_of_a_finished_run():

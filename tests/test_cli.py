@@ -110,7 +110,15 @@ def test_errors_are_one_line_with_nonzero_status(tmp_path, capsys, checkpoint_di
             "--opt",
             "beta=1",
         ],
-        "option 'alpha' is not [METHOD.]KEY=VALUE": ["--method", "opcm", *common, "--checkpoint", str(fine[0]), "--opt", "alpha"],
+        "option 'alpha' is not [METHOD.]KEY=VALUE": [
+            "--method",
+            "opcm",
+            *common,
+            "--checkpoint",
+            str(fine[0]),
+            "--opt",
+            "alpha",
+        ],
         "no fine-tuned checkpoints given": ["--method", "opcm", *common],
     }
     if not torch.cuda.is_available():
