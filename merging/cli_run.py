@@ -23,7 +23,8 @@ class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``error: ...``) and exit status 2, like the rest."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
+        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # argv may hold newlines
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {one_line} (see --help)\n")
 
 
 def nonnegative_int(text: str) -> int:

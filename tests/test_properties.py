@@ -56,6 +56,16 @@ def no_work(monkeypatch, tmp_path):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(ARGUMENT, max_size=10))
 def test_the_command_line_never_raises(no_work, capsys, argv):
+    check_command_line(capsys, argv)
+
+
+def test_control_characters_in_flags_still_give_one_line(no_work, capsys):
+    """Found by hypothesis: argparse echoes unrecognised arguments verbatim."""
+    for argv in (["run", "\n"], ["merge", "--method", "a\nb"], ["run", "--eval", "\r\n"]):
+        check_command_line(capsys, argv)
+
+
+def check_command_line(capsys, argv):
     code = main(argv)
     err = capsys.readouterr().err
     assert code in (0, 2)
