@@ -119,12 +119,6 @@ def user_error(exc: MergingError) -> gr.Error:
     return gr.Error(str(exc), title="Error", print_exception=False)
 
 
-def warn_user(exc: MergingError) -> None:
-    """Like :func:`user_error` for streaming handlers, which keep their outputs instead of raising."""
-    LOG.info("user error: %s", exc)
-    gr.Warning(str(exc), title="Error")  # Gradio 6.31 still heads a warning toast "Warning"
-
-
 def session_of(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
 
@@ -347,10 +341,11 @@ class LabHandlers:
                 files = [str(f) for f in update.files] or None
                 yield (update.status, heatmap, lines, curves, table, files, update.results, choice, opcm, otmf)
         except MergingError as exc:
-            # A toast names the culprit; the status line keeps it, and every other output keeps
-            # what the run (or an earlier run) already showed.
-            warn_user(exc)
+            # The status line keeps the message and every other output what the run (or an
+            # earlier run) already showed; then the error toast. The event's progress display
+            # sits on a hidden component, so the error marks no output.
             yield (f"**Error:** {exc}", *(gr.skip() for _ in range(9)))
+            raise user_error(exc) from None
 
     def stopped(self, results: dict[str, Any] | None) -> str:
         return lab.stopped_status(results if isinstance(results, dict) else None)
@@ -602,6 +597,9 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         stop = gr.Button("Stop", variant="stop")
                 with gr.Column(scale=3):
                     status = gr.Markdown("Pick a preset and methods, then Run.", elem_id="lab-status")
+                    # Where the run's progress and error marks go: nowhere visible, so live plots are
+                    # never covered and an error toast leaves every output as it was.
+                    progress_anchor = gr.HTML("", visible=False)
                     with gr.Row():
                         shown = gr.Dropdown(["opcm"], value="opcm", label="Method shown in the matrix and curves")
                     with gr.Row():
@@ -672,7 +670,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     opcm_internals,
                     otmf_internals,
                 ],
-                show_progress="minimal",
+                show_progress_on=[progress_anchor],
                 **compute,
             )
             stop.click(handlers.stopped, [results_state], [status], cancels=[event], api_name="stop")

@@ -88,6 +88,16 @@ def run_lab(*inputs, handlers=HANDLERS):
     return handlers.run_lab(None, *inputs)
 
 
+def updates_until_error(stream) -> tuple[list, str]:
+    """Every update a failing run streams, and the message of the error toast it ends with."""
+    updates = []
+    with pytest.raises(gr.Error) as error:
+        for update in stream:
+            updates.append(update)
+    assert error.value.title == "Error" and not error.value.print_exception
+    return updates, error.value.message
+
+
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGING_CACHE", str(tmp_path / "cache"))
@@ -155,8 +165,9 @@ def test_options_and_bad_requests(private_cache):
         ),
         (lab_inputs(options=[*values[:alpha], 1.5, *values[alpha + 1 :]]), "opcm option alpha=1.5 is out of range"),
     ):
-        updates = list(run_lab(*inputs))
+        updates, toast = updates_until_error(run_lab(*inputs))
         assert len(updates) == 1 and message in updates[0][0] and updates[0][0].startswith("**Error:**")
+        assert message in toast
         assert all(isinstance(u, dict) and u.get("__type__") == "update" for u in updates[0][1:])  # gr.skip()
     with pytest.raises(gr.Error, match="preset TA8 has Hub checkpoints only for the OpenAI CLIP backbones"):
         HANDLERS.preset_list("TA8", "mini")
@@ -338,7 +349,8 @@ def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch)
         return original(self, incoming, task_norm)
 
     monkeypatch.setattr(OPCM, "_merge", failing)
-    updates = list(run_lab(*lab_inputs()))
+    updates, toast = updates_until_error(run_lab(*lab_inputs()))
+    assert "mini-traffic-signs is broken (simulated)" in toast
     assert [u[0].split(" ")[0] for u in updates] == ["Checkpoints", "Reference", "Step", "Step", "**Error:**"]
     assert "mini-traffic-signs is broken (simulated)" in updates[-1][0]
     files, results = updates[-2][5:7]

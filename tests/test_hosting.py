@@ -17,7 +17,7 @@ from merging.errors import MergingError
 from merging.hosting import SourcePolicy, Workspaces, hosted_mode, safe_upload_name
 from merging.tasks import ASSETS
 
-from .test_app import OPTION_DEFAULTS, SAMPLES, lab_inputs
+from .test_app import OPTION_DEFAULTS, SAMPLES, lab_inputs, updates_until_error
 
 DIGITS = ASSETS / "mini" / "checkpoints" / "mini-digits"
 
@@ -89,7 +89,7 @@ def test_a_hosted_run_refuses_server_paths_in_one_line(hosted, caplog):
         ("/etc/passwd=mini-digits", "server paths cannot be read on this hosted lab: '/etc/passwd'"),
         ("../../etc=mini-digits", "server paths cannot be read"),
     ):
-        updates = list(hosted.run_lab(Session("a"), *lab_inputs(checkpoints=checkpoints)))
+        updates, _ = updates_until_error(hosted.run_lab(Session("a"), *lab_inputs(checkpoints=checkpoints)))
         assert len(updates) == 1 and updates[0][0].startswith("**Error:**") and message in updates[0][0]
     bad_backbone = lab_inputs(checkpoints=f"{DIGITS}=mini-digits")
     bad_backbone[0] = "local-dir:/etc"
@@ -210,7 +210,7 @@ def test_handlers_validate_whatever_a_script_sends(hosted):
     cases.append((lab_inputs(options=options), "opcm option alpha"))
     cases.append((lab_inputs()[:-1], "option values"))
     for inputs, message in cases:
-        updates = list(hosted.run_lab(session, *inputs))
+        updates, _ = updates_until_error(hosted.run_lab(session, *inputs))
         assert len(updates) == 1 and message in updates[0][0], (message, updates[0][0])
     with pytest.raises(gr.Error, match="action must be one of"):
         hosted.edit_list("", "explode", 1, "")
