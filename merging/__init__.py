@@ -2,33 +2,51 @@
 
 The same library drives the Gradio app (``app.py``), the command line
 (``python -m merging``) and the tests.
+
+Importing the package imports nothing heavy: the names below are loaded from their
+modules on first use (PEP 562), so ``python -m merging --help`` does not pay for torch,
+and no method's dependencies (POT for OTMF) load until that method is used.
 """
 
-from .checkpoints import EncoderReader, check_compatible, load_encoder, open_encoder, save_encoder
-from .errors import CheckpointError, MergingError, OptionError
-from .layouts import Layout, detect_layout, to_canonical, to_hf, to_open_clip
-from .merge import ContinualMerge, MergeStep
-from .methods import METHODS, ContinualMerger, create_merger, get_method, method_names
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "CheckpointError",
-    "ContinualMerge",
-    "ContinualMerger",
-    "EncoderReader",
-    "Layout",
-    "MergeStep",
-    "MergingError",
-    "OptionError",
-    "check_compatible",
-    "create_merger",
-    "detect_layout",
-    "get_method",
-    "load_encoder",
-    "method_names",
-    "open_encoder",
-    "save_encoder",
-    "to_canonical",
-    "to_hf",
-    "to_open_clip",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "METHODS": "methods",
+    "ContinualMerger": "methods",
+    "create_merger": "methods",
+    "get_method": "methods",
+    "method_names": "methods",
+    "CheckpointError": "errors",
+    "MergingError": "errors",
+    "OptionError": "errors",
+    "ContinualMerge": "merge",
+    "MergeStep": "merge",
+    "EncoderReader": "checkpoints",
+    "check_compatible": "checkpoints",
+    "load_encoder": "checkpoints",
+    "open_encoder": "checkpoints",
+    "save_encoder": "checkpoints",
+    "Layout": "layouts",
+    "detect_layout": "layouts",
+    "to_canonical": "layouts",
+    "to_hf": "layouts",
+    "to_open_clip": "layouts",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'merging' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

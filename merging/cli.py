@@ -10,20 +10,28 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cli_run import OneLineParser, add_run_parser, method_options, prepare_run, run_command
-from .devices import DEVICE_CHOICES
+from .cli_parser import EXIT_BAD_INPUT, OneLineParser
 from .errors import MergingError, OptionError
-from .merge import DTYPES, ContinualMerge
-from .methods import METHODS
 from .outputs import check_outputs, write_or_rescue
 from .sources import check_no_duplicates, check_source_text
 
-EXIT_BAD_INPUT = 2
+if TYPE_CHECKING:
+    from .merge import ContinualMerge
+
+# The commands, for the top-level help, which is answered without importing torch or any
+# method; everything else builds the full parser (below), which imports them.
+COMMANDS = {
+    "merge": "merge fine-tuned checkpoints, one after the other, into the pretrained encoder",
+    "run": "merge continually with one or more methods and evaluate every step",
+}
+DESCRIPTION = "Continual merging of fine-tuned CLIP image encoders."
 
 
 def _methods_help() -> str:
+    from .methods import METHODS
+
     lines = []
     for name, cls in METHODS.items():
         opts = ", ".join(f"{o.name}={_show(o.default)}" for o in cls.options) or "no options"
@@ -35,15 +43,26 @@ def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def top_parser() -> argparse.ArgumentParser:
+    """The command list alone: enough for ``--help`` and for a missing command."""
+    parser = OneLineParser(prog="python -m merging", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="python -m merging",
-        description="Continual merging of fine-tuned CLIP image encoders.",
-    )
+    from .cli_run import add_run_parser
+    from .devices import DEVICE_CHOICES
+    from .merge import DTYPES
+    from .methods import METHODS
+
+    parser = OneLineParser(prog="python -m merging", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     merge = commands.add_parser(
         "merge",
-        help="merge fine-tuned checkpoints, one after the other, into the pretrained encoder",
+        help=COMMANDS["merge"],
         description="Merge fine-tuned CLIP image encoders continually (in the order given) and write the result.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods and their options (defaults):\n" + _methods_help(),
@@ -149,6 +168,9 @@ def merge_outputs(out: str, fmt: str | None) -> list[Path]:
 
 def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
     """Every check that needs no weights: options, sources, duplicates, the output; then open the inputs."""
+    from .cli_run import method_options
+    from .merge import ContinualMerge
+
     if not args.checkpoint:
         raise MergingError("no fine-tuned checkpoints given: pass --checkpoint SRC at least once")
     options = method_options([args.method], args.opt)[args.method]
@@ -203,15 +225,25 @@ def _partial_path(out: Path, done: int, total: int) -> Path:
     return out.with_name(out.stem + tag + out.suffix) if out.suffix else out.with_name(out.name + tag)
 
 
+def run_command(prepared) -> int:
+    from .cli_run import run_command as run
+
+    return run(prepared)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; input errors print one line and return 2, and so does a failed write."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    light = not argv or argv[0] in ("-h", "--help")
+    parser = top_parser() if light else build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a flag argparse refused (2, one line already printed)
         return int(exit_.code or 0)
     try:
         if args.command == "run":
+            from .cli_run import prepare_run
+
             return run_command(prepare_run(args))
         return run_merge(args)
     except MergingError as exc:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_parser import EXIT_BAD_INPUT, OneLineParser
 from .devices import DEVICE_CHOICES
 from .errors import MergingError, OptionError
 from .evaluation import DEFAULT_SAMPLES
@@ -16,15 +17,7 @@ from .outputs import check_outputs, write_or_rescue
 from .runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
 from .sources import check_no_duplicates, locate
 
-EXIT_BAD_INPUT = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``error: ...``) and exit status 2, like the rest."""
-
-    def error(self, message: str):  # type: ignore[override]
-        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # argv may hold newlines
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {one_line} (see --help)\n")
+__all__ = ["EXIT_BAD_INPUT", "OneLineParser", "add_run_parser", "method_options", "prepare_run", "run_command"]
 
 
 def nonnegative_int(text: str) -> int:

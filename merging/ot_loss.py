@@ -20,7 +20,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-import ot
 import torch
 from torch import Tensor
 
@@ -31,12 +30,20 @@ OT_LOSSES = ("emd", "sinkhorn")
 _SINKHORN_MAX_ITER = 2000
 
 
+def _pot():
+    """POT, imported on first use: it takes seconds to import (it pulls in pandas and scipy),
+    and only OTMF needs it, so importing the library must not."""
+    import ot
+
+    return ot
+
+
 def exact_ot(x: Tensor, y: Tensor) -> Tensor:
     """Exact OT cost between uniform point clouds ``x`` (n × d) and ``y`` (m × d), cost ½‖x − y‖²."""
     cost = torch.cdist(x.float(), y.float()).square()
     a = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=cost.dtype, device=cost.device)
     b = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=cost.dtype, device=cost.device)
-    return 0.5 * ot.emd2(a, b, cost)
+    return 0.5 * _pot().emd2(a, b, cost)
 
 
 def sinkhorn_divergence(x: Tensor, y: Tensor, blur: float = 0.05) -> Tensor:
@@ -46,7 +53,7 @@ def sinkhorn_divergence(x: Tensor, y: Tensor, blur: float = 0.05) -> Tensor:
         # POT warns when the tolerance is not reached; the divergence is then still within
         # far less than a percent of its limit at these sizes (tests compare it with exact OT).
         warnings.simplefilter("ignore", UserWarning)
-        result = ot.solve_sample(
+        result = _pot().solve_sample(
             x.float(),
             y.float(),
             metric="sqeuclidean",
