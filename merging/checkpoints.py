@@ -167,7 +167,8 @@ def _load_pickle(file: Path, source: str, allow_pickle: bool) -> dict[str, Tenso
     if not allow_pickle:
         raise CheckpointError(
             f"{source}: {file.name} is a pickle checkpoint, which can run code when loaded; "
-            "pass --allow-pickle to read it (with torch.load(weights_only=True)) or convert it to safetensors"
+            "allow pickles to read it (the allow-pickle option; then torch.load(weights_only=True)) "
+            "or convert it to safetensors"
         )
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
@@ -215,9 +216,6 @@ class EncoderReader(Mapping[str, Tensor]):
         if key not in self._shapes:
             self._shapes[key] = self.recipes[key].shape(self.files.shape)
         return self._shapes[key]
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: self.shape(k) for k in self.recipes}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -133,7 +133,11 @@ def add_run_parser(commands) -> None:
 
 
 def method_options(methods: list[str], pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """``--method`` and ``--opt`` flags → {method: {option: raw value}}."""
+    """``--method`` and ``--opt`` flags → {method: {option: typed value}}, parsed and range-checked once.
+
+    Only the options given are kept (so configurations stay short), typed as the method
+    declares them, which is also how the app records its options.
+    """
     if not methods:
         raise OptionError(f"no method given; valid methods: {', '.join(METHODS)}, all")
     names = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
@@ -159,7 +163,13 @@ def method_options(methods: list[str], pairs: list[str]) -> dict[str, dict[str, 
             raise OptionError(f"option {pair}: none of the methods run ({', '.join(names)}) has an option {key!r}")
         for name in takers:
             options[name][key] = value
-    return options
+    return {name: typed_options(name, given) for name, given in options.items()}
+
+
+def typed_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options given to ``method``, converted to their declared types (errors name method and option)."""
+    parsed = get_method(method).parse_options(given)
+    return {key: parsed[key] for key in given}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -214,8 +224,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Everything checked before any work: flags, configuration, methods and options, the output."""
     config = config_from_args(args)
     check_no_duplicates([c.source for c in config.checkpoints], config.allow_duplicates)
-    for name, options in config.methods.items():
-        get_method(name)(**options)  # options are parsed and range-checked now, not after the references
+    config.methods = {name: typed_options(name, options) for name, options in config.methods.items()}
     if args.out:
         out = Path(args.out)
     else:

@@ -24,7 +24,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise MergingError("--device cuda was asked for, but CUDA is not available on this machine")
+            raise MergingError("device cuda was asked for, but CUDA is not available on this machine")
         return torch.device("cuda")
     raise MergingError(f"unknown device {name!r}; valid devices: {', '.join(DEVICE_CHOICES)}")
 

@@ -220,7 +220,7 @@ def choose_model_files(files: list[str], allow_pickle: bool = False, source: str
     if pickles and not allow_pickle:
         raise HubError(
             f"{source} holds only pickle weights ({pickles[0]}); they are refused unless you opt in "
-            "(--allow-pickle), and are then read with torch.load(weights_only=True)"
+            "(the allow-pickle option), and are then read with torch.load(weights_only=True)"
         )
     if pickles:
         return [*chosen, pickles[0]]

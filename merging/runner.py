@@ -371,7 +371,7 @@ class ContinualRun:
                 apply_share()
                 accuracy = self.evaluator.evaluate(result.merged, evaluated, heads)
                 zeroshot_head = None
-                if self._reports_zeroshot_heads(merger):
+                if merger.tunes_heads:
                     zeroshot_head = {t.name: self.evaluator.accuracy(t) for t in evaluated}
                 finished = time.perf_counter()
                 matrix = self._matrix(name, accuracy, index)
@@ -389,10 +389,6 @@ class ContinualRun:
             report = StepReport(index + 1, total, task.name, reader.source, methods)
             self.reports.append(report)
             yield report
-
-    @staticmethod
-    def _reports_zeroshot_heads(merger: ContinualMerger) -> bool:
-        return merger.config.get("head_tuning") == "on"
 
     def _matrix(
         self, method: str, latest: dict[str, float], step: int, field: str = "accuracy"

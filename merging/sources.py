@@ -125,5 +125,5 @@ def check_no_duplicates(sources: Sequence[str], allowed: bool = False) -> None:
         first, second = found
         raise MergingError(
             f"checkpoint {sources[second]} is listed twice (positions {first + 1} and {second + 1}); remove one, "
-            "or allow duplicates to merge it twice on purpose (--allow-duplicates, or 'Allow duplicates' in the lab)"
+            "or allow duplicates to merge it twice on purpose (the allow-duplicates option)"
         )

@@ -343,10 +343,10 @@ def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch)
 
     original = OPCM._merge
 
-    def failing(self, incoming, task_norm):
-        if self.step_count == 3:
-            raise CheckpointError(f"{incoming.name} is broken (simulated)")
-        return original(self, incoming, task_norm)
+    def failing(self, step):
+        if step.index == 3:
+            raise CheckpointError(f"{step.checkpoint.name} is broken (simulated)")
+        return original(self, step)
 
     monkeypatch.setattr(OPCM, "_merge", failing)
     updates, toast = updates_until_error(run_lab(*lab_inputs()))

@@ -130,7 +130,7 @@ def test_cli_run_and_replay(tmp_path, monkeypatch, capsys, mini_three):
     printed = capsys.readouterr().out
     assert printed.count("step ") == 3 and "opcm: ACC" in printed and "fine-tuned" in printed
     results = json.loads(out.read_text())
-    assert results["config"]["methods"] == {"opcm": {"alpha": "0.6"}, "task_arithmetic": {"scaling": "0.2"}}
+    assert results["config"]["methods"] == {"opcm": {"alpha": 0.6}, "task_arithmetic": {"scaling": 0.2}}  # typed
     assert results["methods"]["opcm"]["options"]["alpha"] == 0.6
     assert (tmp_path / "r.opcm.csv").is_file() and (tmp_path / "r.task_arithmetic.csv").is_file()
     replay = tmp_path / "replay.json"

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
-from .base import ContinualMerger, MergeContext, Option, StepResult, TaskImages
+from .base import ContinualMerger, MergeContext, Option, StepInput, StepResult, TaskImages
 from .magmax import MagMax
 from .opcm import OPCM
 from .otmf import OTMF
@@ -51,6 +51,7 @@ __all__ = [
     "ContinualMerger",
     "MergeContext",
     "Option",
+    "StepInput",
     "StepResult",
     "TaskImages",
     "create_merger",

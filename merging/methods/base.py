@@ -162,8 +162,6 @@ class ContinualMerger(ABC):
         self.merge_keys: list[str] = []
         self.step_count = 0
         self.context: MergeContext | None = None
-        self.task: str | None = None  # the task of the checkpoint being merged, when known
-        self.last = False  # whether the current step is the run's last
 
     def attach(self, context: MergeContext) -> None:
         """Give the merger access to the backbone's image tower and the tasks' images."""
@@ -172,6 +170,11 @@ class ContinualMerger(ABC):
     def heads(self) -> dict[str, Tensor]:
         """Classification heads the method has tuned (task → classes × dim); zero-shot otherwise."""
         return {}
+
+    @property
+    def tunes_heads(self) -> bool:
+        """Whether :meth:`heads` may replace zero-shot heads (then runs also report zero-shot-head accuracy)."""
+        return False
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,7 +212,6 @@ class ContinualMerger(ABC):
                 f"{self.name} learns from images of each task, so it needs task data: run it with "
                 "`python -m merging run` (or the app), not `python -m merging merge`"
             )
-        self.task, self.last = task, last
         incoming = Incoming(finetuned, self._check_keys(finetuned), self.device)
         task_norm = self._validated_task_norm(incoming)
         if not self.merge_keys:
@@ -217,8 +219,9 @@ class ContinualMerger(ABC):
         self.step_count += 1
         if self.step_count == 1:
             self.merged = {k: v.clone() for k, v in self.pretrained.items()}
+        step = StepInput(self.step_count, incoming, task_norm, task, last, self.context)
         diagnostics = {"step": self.step_count, "task_norm": task_norm}
-        diagnostics.update(self._merge(incoming, task_norm))
+        diagnostics.update(self._merge(step))
         if "merged_norm" not in diagnostics:
             diagnostics["merged_norm"] = distance(self.merged, self.pretrained, self.merge_keys)
         return StepResult(self.merged, diagnostics)
@@ -262,12 +265,29 @@ class ContinualMerger(ABC):
         return math.sqrt(sum(norm**2 for norm in map_on_threads(checked_norm, incoming.keys(), self.device)))
 
     @abstractmethod
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
+    def _merge(self, step: StepInput) -> dict[str, Any]:
         """Update ``self.merged`` in place from θ_t; return method-specific diagnostics.
 
-        Read θ_t parameter by parameter (``incoming[key]``, float32 on the merger's device);
-        the tensors may share memory with the caller's: never modify or keep them.
+        Read θ_t parameter by parameter (``step.checkpoint[key]``, float32 on the merger's
+        device); the tensors may share memory with the caller's: never modify or keep them.
         """
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """Everything one step gives a method, in one immutable object (nothing is set on the merger).
+
+    ``index`` counts from 1; ``task_norm`` is ‖θ_t − θ0‖ over the merged parameters,
+    measured while the checkpoint was screened; ``task`` and ``is_last`` are known in a
+    run (None / False from ``merge``); ``context`` gives data-driven methods the tasks' images.
+    """
+
+    index: int
+    checkpoint: Incoming
+    task_norm: float
+    task: str | None = None
+    is_last: bool = False
+    context: MergeContext | None = None
 
 
 class Incoming:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..state_dict import StateDict
-from .base import ContinualMerger, Incoming, Option
+from .base import ContinualMerger, Option, StepInput
 
 
 class MagMax(ContinualMerger):
@@ -27,7 +27,8 @@ class MagMax(ContinualMerger):
         super().start(pretrained, device)
         self.running: StateDict = {}
 
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
+    def _merge(self, step: StepInput) -> dict[str, Any]:
+        incoming = step.checkpoint
         scaling = self.config["scaling"]
         for k in self.merge_keys:
             task = incoming[k] - self.pretrained[k]

@@ -23,9 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..analysis import cumulative_share
 from ..parallel import map_on_threads
 from ..parameters import matrix_views
-from .base import ContinualMerger, Incoming, Option
+from .base import ContinualMerger, Option, StepInput
 
 # Below this ratio to the largest singular value a direction is treated as null space.
 _RANK_TOLERANCE = 1e-6
@@ -35,13 +36,11 @@ def split_rank(singular_values: Tensor, alpha: float) -> int:
     """Number of leading singular values whose cumulative share of Σs is ≤ α.
 
     As in the reference code (``argmax`` of ``cumsum / sum > α``), the count is 0 when no
-    share exceeds α, which is how α = 1 turns the block projection off. The share is
-    divided by the last cumulative sum so it ends at exactly 1.
+    share exceeds α, which is how α = 1 turns the block projection off. The share is the
+    spectra plot's (:func:`merging.analysis.cumulative_share`, ending at exactly 1), so the
+    cut drawn there is the one made here; a zero spectrum has a share of zeros, hence 0.
     """
-    cumulative = torch.cumsum(singular_values.double(), 0)
-    if cumulative.numel() == 0 or float(cumulative[-1]) <= 0.0:
-        return 0
-    exceeds = (cumulative / cumulative[-1]) > alpha
+    exceeds = cumulative_share(singular_values) > alpha
     return int(torch.argmax(exceeds.to(torch.int8))) if bool(exceeds.any()) else 0
 
 
@@ -178,8 +177,9 @@ class OPCM(ContinualMerger):
         self.lambda_prev = 1.0
         self._norm_sum = 0.0
 
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
-        self._norm_sum += task_norm
+    def _merge(self, step: StepInput) -> dict[str, Any]:
+        incoming = step.checkpoint
+        self._norm_sum += step.task_norm
         mean_norm = self._norm_sum / self.step_count
         if self.step_count == 1:
             for k in self.merge_keys:
@@ -205,7 +205,7 @@ class OPCM(ContinualMerger):
         return {
             "lambda": lam,
             "mean_task_norm": mean_norm,
-            "removed_share": 1.0 - (kept_sq**0.5) / task_norm if task_norm > 0 else 0.0,
+            "removed_share": 1.0 - (kept_sq**0.5) / step.task_norm if step.task_norm > 0 else 0.0,
             "matrices": matrices,
         }
 

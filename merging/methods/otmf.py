@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from ..errors import MergingError
 from ..ot_loss import OT_LOSSES, ot_loss
-from .base import ContinualMerger, Incoming, Option
+from .base import ContinualMerger, Incoming, Option, StepInput
 
 _TEACHER_BATCH = 64
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit; larger mask sets are subsampled evenly
@@ -112,36 +112,41 @@ class OTMF(ContinualMerger):
     def heads(self) -> dict[str, Tensor]:
         return dict(self._heads)
 
+    @property
+    def tunes_heads(self) -> bool:
+        return self.config["head_tuning"] == "on"
+
     # ------------------------------------------------------------ one step
 
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
-        assert self.context is not None and self.task is not None  # checked by step()
-        diagnostics: dict[str, Any] = {"task": self.task}
+    def _merge(self, step: StepInput) -> dict[str, Any]:
+        assert step.context is not None and step.task is not None  # checked by step()
+        incoming = step.checkpoint
+        diagnostics: dict[str, Any] = {"task": step.task}
         if self.step_count == 1:
             for k in self.merge_keys:
                 self.merged[k].copy_(incoming[k])
         else:
-            diagnostics.update(self._fuse(incoming))
+            diagnostics.update(self._fuse(incoming, step.task))
         tuned = []
         if self.config["head_tuning"] == "on":
             if self.previous_task is not None:
                 tuned.append(self._tune_head(self.previous_task))
-            if self.last:
-                tuned.append(self._tune_head(self.task))
+            if step.is_last:
+                tuned.append(self._tune_head(step.task))
         diagnostics["head_tuning"] = tuned
-        self.previous_task = self.task
+        self.previous_task = step.task
         return diagnostics
 
-    def _fuse(self, incoming: Incoming) -> dict[str, Any]:
+    def _fuse(self, incoming: Incoming, task: str) -> dict[str, Any]:
         alpha = self.config["alpha"]
         keys = self.merge_keys
         # scaled deltas: α Δ_pre and (1 − α) Δ_post, so θ(M) = θ0 + M_pre ⊙ a + M_post ⊙ b
         scaled_pre = {k: (self.merged[k] - self.pretrained[k]).mul_(alpha) for k in keys}
         scaled_post = {k: (incoming[k] - self.pretrained[k]).mul_(1.0 - alpha) for k in keys}
-        diagnostics: dict[str, Any] = {"alpha": alpha, "pre_task": self.previous_task, "post_task": self.task}
+        diagnostics: dict[str, Any] = {"alpha": alpha, "pre_task": self.previous_task, "post_task": task}
         if self.config["masks"] == "on" and self.config["steps"] > 0:
             started = time.perf_counter()
-            teachers = self._teachers(incoming)
+            teachers = self._teachers(incoming, task)
             diagnostics["teacher_seconds"] = time.perf_counter() - started
             started = time.perf_counter()
             masks, optimisation = self._optimise(scaled_pre, scaled_post, teachers)
@@ -179,10 +184,10 @@ class OTMF(ContinualMerger):
             [self._features(parameters, images[i : i + _TEACHER_BATCH]) for i in range(0, len(images), _TEACHER_BATCH)]
         ).float()
 
-    def _teachers(self, incoming: Incoming) -> dict[str, tuple[Tensor, Tensor]]:
+    def _teachers(self, incoming: Incoming, task: str) -> dict[str, tuple[Tensor, Tensor]]:
         """Pools of images of both tasks and the teachers' features on them (no gradients)."""
-        assert self.previous_task is not None and self.task is not None
-        pre_images, post_images = self._pool(self.previous_task), self._pool(self.task)
+        assert self.previous_task is not None
+        pre_images, post_images = self._pool(self.previous_task), self._pool(task)
         # the pre teacher θ0 + Δ_pre is the current merged model itself; the post teacher is θ_t
         pre_features = self._teacher_features({k: self.merged[k] for k in self.merge_keys}, pre_images)
         post_features = self._teacher_features({k: incoming[k] for k in self.merge_keys}, post_images)

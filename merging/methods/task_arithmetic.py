@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .base import ContinualMerger, Incoming, Option
+from .base import ContinualMerger, Option, StepInput
 
 
 class TaskArithmetic(ContinualMerger):
@@ -21,7 +21,8 @@ class TaskArithmetic(ContinualMerger):
         ),
     )
 
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
+    def _merge(self, step: StepInput) -> dict[str, Any]:
+        incoming = step.checkpoint
         scaling = self.config["scaling"]
         for k in self.merge_keys:
             self.merged[k].add_(incoming[k] - self.pretrained[k], alpha=scaling)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import ContinualMerger, Incoming, Option
+from .base import ContinualMerger, Option, StepInput
 
 
 def kth_smallest_magnitude(tensors: Callable[[], Iterable[Tensor]], rank: int) -> float:
@@ -97,7 +97,8 @@ class TIES(ContinualMerger):
         ),
     )
 
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
+    def _merge(self, step: StepInput) -> dict[str, Any]:
+        incoming = step.checkpoint
         scaling, top_k = self.config["scaling"], self.config["top_k"]
         keys, p0, merged = self.merge_keys, self.pretrained, self.merged
         if self.step_count == 1:

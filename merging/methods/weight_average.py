@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .base import ContinualMerger, Incoming
+from .base import ContinualMerger, StepInput
 
 
 class WeightAverage(ContinualMerger):
@@ -12,7 +12,8 @@ class WeightAverage(ContinualMerger):
     title: ClassVar[str] = "Continual Weight Averaging"
     summary: ClassVar[str] = "Keeps the running mean θ^(t) = ((t−1) θ^(t−1) + θ_t) / t of the fine-tuned models."
 
-    def _merge(self, incoming: Incoming, task_norm: float) -> dict[str, Any]:
+    def _merge(self, step: StepInput) -> dict[str, Any]:
+        incoming = step.checkpoint
         t = self.step_count
         for k in self.merge_keys:
             merged = self.merged[k]
