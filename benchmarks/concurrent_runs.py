@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import merging.runner
-from merging.backbones import load_backbone
 from merging.runner import ContinualRun, RunConfig, preset_checkpoints
 from merging.threads import usable_cores
 
@@ -106,12 +105,14 @@ def main() -> None:
     warm = replace(config, methods={args.method: {"steps": 1} if args.method == "otmf" else {}})
     cores = usable_cores()
     policy = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS") if k in os.environ}
-    load_backbone("mini")
     with tempfile.TemporaryDirectory(prefix="concurrent-runs-") as tmp:
         cache = Path(tmp)
         os.environ["MERGING_CACHE"] = tmp
         print(f"load average before: {load()}", flush=True)
-        one_run(warm, cache)  # decodes test and train images, builds heads and reference rows
+        # loads the backbone, decodes test and train images, builds heads and reference rows. On a thread
+        # that then ends: torch work on the main thread would leave an OpenMP pool there, and with more
+        # pooled threads than cores libgomp all but stops spinning, which slows every later run ~1.7x
+        on_threads(1, lambda: one_run(warm, cache))
         alone, pair, unbudgeted = (float("inf"), []), (float("inf"), []), (float("inf"), [])
         for _ in range(args.repeat):  # interleaved, so a burst of other work hits one round, not one row
             alone = min(alone, on_threads(1, lambda: one_run(config, cache)))
