@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import VIT_B_32, random_vit, realistic_task_vector
 from merging.devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
-from merging.methods import MergeContext, TaskImages, create_merger
+from merging.methods import ImageSet, MergeContext, create_merger
 
 
 def context(pretrained: dict[str, torch.Tensor], device: torch.device, images: int = 64) -> MergeContext:
@@ -32,11 +32,11 @@ def context(pretrained: dict[str, torch.Tensor], device: torch.device, images: i
     encoder = encoder.to(device).eval().requires_grad_(False)
     pools = {}
 
-    def task_images(task: str, split: str) -> TaskImages:
+    def task_images(task: str, split: str) -> ImageSet:
         if task not in pools:
             generator = torch.Generator().manual_seed(len(pools))
             pixels = torch.randint(0, 256, (images, 3, 224, 224), generator=generator, dtype=torch.uint8)
-            pools[task] = TaskImages(pixels, torch.randint(0, 10, (images,), generator=generator))
+            pools[task] = ImageSet(pixels, torch.randint(0, 10, (images,), generator=generator))
         return pools[task]
 
     return MergeContext(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +29,10 @@ from torchvision.transforms.functional import pil_to_tensor
 from .backbones import Preprocess
 from .disk_cache import DiskCache, cache_root
 from .errors import MergingError
+from .image_set import ImageSet
 from .tasks import Task
 
 SAMPLE_SEED = 0
-
-
-@dataclass
-class ImageSet:
-    """Preprocessed images (uint8, N × 3 × H × W) and their labels."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
 
 
 def parquet_files(task: Task, split: str) -> list[Path]:

@@ -31,7 +31,8 @@ from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolv
 from .disk_cache import DiskCache
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES, Evaluator
-from .methods import METHODS, ContinualMerger, MergeContext, TaskImages, create_merger
+from .image_set import ImageSet
+from .methods import METHODS, ContinualMerger, MergeContext, create_merger
 from .metrics import acc, bwt
 from .sources import WEIGHT_SUFFIXES, check_no_duplicates, check_source_text, is_task_label, locate, portable
 from .tasks import Task, TaskRegistry, registry
@@ -281,13 +282,12 @@ class ContinualRun:
         for parameter in encoder.parameters():
             parameter.requires_grad_(False)
 
-        def images(name: str, split: str) -> TaskImages:
+        def images(name: str, split: str) -> ImageSet:
             task = self.tasks_registry.get(name)
             split_name = task.dataset.split if split == "test" else task.dataset.train_split
             if split_name is None:
                 raise MergingError(f"task {name} has no {split} split registered")
-            data = self.evaluator.task_images(task, split_name)
-            return TaskImages(data.images, data.labels)
+            return self.evaluator.task_images(task, split_name)
 
         return MergeContext(
             encoder=encoder,

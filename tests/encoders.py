@@ -73,7 +73,7 @@ def toy_context(pretrained: dict[str, torch.Tensor], arch: VisionArch = TINY, im
     """
     import zlib
 
-    from merging.methods import MergeContext, TaskImages
+    from merging.methods import ImageSet, MergeContext
 
     encoder = arch.build_open_clip()
     encoder.load_state_dict(pretrained)
@@ -83,11 +83,11 @@ def toy_context(pretrained: dict[str, torch.Tensor], arch: VisionArch = TINY, im
     def seed_of(*parts: str) -> int:
         return zlib.crc32("|".join(parts).encode())
 
-    def task_images(task: str, split: str) -> TaskImages:
+    def task_images(task: str, split: str) -> ImageSet:
         generator = torch.Generator().manual_seed(seed_of(task, split))
         pixels = torch.randint(0, 256, (images, 3, arch.image_size, arch.image_size), generator=generator)
         labels = torch.randint(0, classes, (images,), generator=generator)
-        return TaskImages(pixels.to(torch.uint8), labels)
+        return ImageSet(pixels.to(torch.uint8), labels)
 
     def head(task: str) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed_of(task, "head"))

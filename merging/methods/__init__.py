@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
-from .base import ContinualMerger, MergeContext, Option, StepInput, StepResult, TaskImages
+from ..image_set import ImageSet
+from .base import ContinualMerger, MergeContext, Option, StepInput, StepResult
 from .magmax import MagMax
 from .opcm import OPCM
 from .otmf import OTMF
@@ -49,11 +50,11 @@ def create_merger(name: str, options: Mapping[str, Any] | None = None) -> Contin
 __all__ = [
     "METHODS",
     "ContinualMerger",
+    "ImageSet",
     "MergeContext",
     "Option",
     "StepInput",
     "StepResult",
-    "TaskImages",
     "create_merger",
     "get_method",
     "method_names",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, MergingError, OptionError
+from ..image_set import ImageSet
 from ..parallel import map_on_threads
 from ..state_dict import StateDict, distance
 
@@ -118,14 +119,6 @@ class StepResult:
 
 
 @dataclass
-class TaskImages:
-    """A task's images as the evaluator caches them: uint8 N × 3 × H × W, and labels."""
-
-    images: Tensor
-    labels: Tensor
-
-
-@dataclass
 class MergeContext:
     """What a data-driven method gets besides weights, from the runner.
 
@@ -137,7 +130,7 @@ class MergeContext:
     """
 
     encoder: nn.Module
-    images: Callable[[str, str], TaskImages]
+    images: Callable[[str, str], ImageSet]
     prepare: Callable[[Tensor], Tensor]
     head: Callable[[str], Tensor]
     logit_scale: float
