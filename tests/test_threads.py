@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -19,7 +22,16 @@ import torch
 from merging.errors import MergingError
 from merging.parallel import map_on_threads
 from merging.runner import CheckpointSpec, ContinualRun, RunConfig, preset_checkpoints, shuffled
-from merging.threads import ENV, ThreadBudget, apply_share, run_slot, runs_in_flight, usable_cores
+from merging.threads import (
+    DEFAULT_SPINCOUNT,
+    ENV,
+    ThreadBudget,
+    apply_share,
+    limit_spinning,
+    run_slot,
+    runs_in_flight,
+    usable_cores,
+)
 
 CPU = torch.device("cpu")
 WAIT = 60  # seconds before a barrier gives up, so a bug fails the test instead of hanging it
@@ -133,6 +145,25 @@ def test_a_bad_merging_threads_is_refused_in_one_line_before_a_run_starts(monkey
     assert budget.runs_in_flight == 0
 
 
+# ---------------------------------------------------------------- OpenMP spinning
+
+
+def test_spinning_is_capped_only_when_the_user_chose_no_policy_and_torch_is_not_loaded():
+    environ: dict[str, str] = {}
+    assert limit_spinning(environ, modules={}) and environ == {"GOMP_SPINCOUNT": DEFAULT_SPINCOUNT}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        environ = dict(chosen)
+        assert not limit_spinning(environ, modules={}) and environ == chosen
+    environ = {}
+    assert not limit_spinning(environ, modules={"torch": object()}) and environ == {}  # too late to matter
+
+
+def test_the_budget_module_can_be_imported_before_torch():
+    code = "import sys, merging.threads; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -149,12 +180,13 @@ def test_a_run_holds_its_slot_until_it_is_closed_early(run_cache):
 def test_a_run_that_fails_releases_its_slot(run_cache):
     run = mini_run(run_cache)
     (merger,) = run.mergers.values()
-    original = merger.step
+    original, calls = merger.step, []
 
-    def failing(reader, task, last):
-        if task == run.tasks[1].name:
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
             raise RuntimeError("step 2 failed")
-        return original(reader, task=task, last=last)
+        return original(*args, **kwargs)
 
     merger.step = failing
     with pytest.raises(RuntimeError, match="step 2 failed"):
