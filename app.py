@@ -22,6 +22,12 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a lab that runs offline
 
+from merging.threads import limit_spinning
+
+# Before anything imports torch: OpenMP threads of other processes must not spin on our cores
+# (nor ours on theirs); the user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+limit_spinning()
+
 import gradio as gr
 from gradio.utils import get_upload_folder
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,14 @@ def test_the_command_lines_help_imports_nothing_heavy():
     assert done.returncode == 0 and "merge" in done.stdout and "run" in done.stdout
     done = subprocess.run([sys.executable, "-m", "merging"], cwd=PROJECT, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "COMMAND" in done.stderr
+
+
+def test_the_app_caps_openmp_spinning_before_torch_loads_unless_the_user_chose():
+    """Idle OpenMP threads spinning for long starve other processes (benchmarks/concurrent_runs.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    probe = "import os, app; print(os.environ.get('GOMP_SPINCOUNT'))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, env=env, capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "1000"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, env=env, capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "None"
