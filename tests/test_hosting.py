@@ -190,18 +190,15 @@ def test_handlers_validate_whatever_a_script_sends(hosted):
         (lab_inputs(methods=("nosuch",)), "unknown method 'nosuch'"),
         (lab_inputs(samples=17.5), "test images per task must be a whole number"),
     ]
-    not_a_list = lab_inputs()
-    not_a_list[3] = "opcm"
-    cases.append((not_a_list, "methods must be a list"))
-    bad_eval = lab_inputs()
-    bad_eval[5] = "sometimes"
-    cases.append((bad_eval, "evaluate tasks must be one of seen, all"))
-    bad_layout = lab_inputs()
-    bad_layout[8] = "../../x"
-    cases.append((bad_layout, "merged encoder layout must be one of hf, open_clip"))
-    bad_seed = lab_inputs()
-    bad_seed[7] = "42; rm"
-    cases.append((bad_seed, "order seed must be a whole number"))
+    for position, value, message in (
+        (3, "opcm", "methods must be a list"),
+        (5, "sometimes", "evaluate tasks must be one of seen, all"),
+        (8, "../../x", "merged encoder layout must be one of hf, open_clip"),
+        (7, "42; rm", "order seed must be a whole number"),
+    ):
+        inputs = lab_inputs()
+        inputs[position] = value
+        cases.append((inputs, message))
     alpha = next(i for i, (m, o) in enumerate(lab.option_fields()) if (m, o) == ("opcm", "alpha"))
     options = list(OPTION_DEFAULTS)
     options[alpha] = 2
