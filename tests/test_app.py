@@ -50,11 +50,21 @@ def test_bad_input_becomes_a_gradio_error(tmp_path, checkpoint_dirs):
         merge("otmf", str(base), str(fine[0]), "", "cpu")  # needs task data: not a merge-page method
 
 
-def test_page_builds_and_lists_every_method():
-    demo = app.build_app()
-    assert isinstance(demo, gr.Blocks)
+def test_page_offers_its_endpoints_and_every_registered_method():
+    """The API a script sees: the four named endpoints, the run's full input list, the methods.
+
+    The method lists come from the registry, so a method added to it must reach the page.
+    """
+    endpoints = app.build_app().get_api_info()["named_endpoints"]
+    assert {"/run", "/merge", "/analyse", "/stop"} <= set(endpoints)
+    run = {p["parameter_name"]: p for p in endpoints["/run"]["parameters"]}
+    assert len(run) == len(lab_inputs())  # every input a script sends, every method's options included
+    assert run["methods"]["type"]["items"]["enum"] == list(METHODS)
+    merge_methods = [name for name, cls in METHODS.items() if not cls.requires_data]
+    assert endpoints["/merge"]["parameters"][0]["type"]["enum"] == merge_methods
+    assert endpoints["/stop"]["parameters"] == []
     text = app.methods_markdown()
-    for name in ("opcm", "task_arithmetic", "weight_average", "ties", "magmax"):
+    for name in METHODS:
         assert f"`{name}`" in text
 
 

@@ -96,33 +96,37 @@ def test_alternating_schedule_trains_one_mask_set_per_step(pretrained, models):
     assert len(result.diagnostics["loss_pre"]) == 1 and len(result.diagnostics["loss_post"]) == 1
 
 
-@pytest.mark.parametrize("schedule", ["alternate", "joint"])
-def test_keep_best_returns_the_masks_of_the_lowest_loss(pretrained, models, schedule):
+# learning rates at which each schedule's lowest loss on the toy data is not at its last step
+@pytest.mark.parametrize(("schedule", "lr"), [("alternate", 0.05), ("joint", 0.1)])
+def test_keep_best_returns_the_masks_of_the_lowest_loss(pretrained, models, schedule, lr):
     steps = 12
-    best = recording(pretrained, steps=steps, keep="best", schedule=schedule, lr=0.05)
+    best = recording(pretrained, steps=steps, keep="best", schedule=schedule, lr=lr)
     result = two_steps(best, models)
     diagnostics = result.diagnostics
     if schedule == "joint":
         totals = [a + b for a, b in zip(diagnostics["loss_pre"], diagnostics["loss_post"], strict=True)]
         lowest = min(range(steps), key=totals.__getitem__)
         assert diagnostics["best_step"] == {"pre": lowest, "post": lowest}
+        last_measured = {"pre": steps - 1, "post": steps - 1}
     else:
         pre_lowest = min(range(len(diagnostics["loss_pre"])), key=diagnostics["loss_pre"].__getitem__)
         post_lowest = min(range(len(diagnostics["loss_post"])), key=diagnostics["loss_post"].__getitem__)
         assert diagnostics["best_step"] == {"pre": 2 * pre_lowest, "post": 2 * post_lowest + 1}
+        last_measured = {"pre": steps - 2, "post": steps - 1}
+    # the data make keep=best and keep=last genuinely different choices
+    assert all(diagnostics["best_step"][name] < last_measured[name] for name in ("pre", "post")), diagnostics
     # the masks a step was measured at are those a run stopped right before it ends with
     for name in ("pre", "post"):
         step = diagnostics["best_step"][name]
-        prefix = recording(pretrained, steps=step, keep="last", schedule=schedule, lr=0.05)
+        prefix = recording(pretrained, steps=step, keep="last", schedule=schedule, lr=lr)
         two_steps(prefix, models)
         chosen = prefix.chosen[name] if step > 0 else {k: torch.ones_like(v) for k, v in pretrained.items()}
         for k in pretrained:
             torch.testing.assert_close(best.chosen[name][k], chosen[k], rtol=0, atol=0)
-    last = recording(pretrained, steps=steps, keep="last", schedule=schedule, lr=0.05)
+    last = recording(pretrained, steps=steps, keep="last", schedule=schedule, lr=lr)
     two_steps(last, models)
-    assert any(not torch.equal(last.chosen["pre"][k], best.chosen["pre"][k]) for k in pretrained) or (
-        diagnostics["best_step"]["pre"] == steps - (2 if schedule == "alternate" else 1)
-    )
+    for name in ("pre", "post"):
+        assert any(not torch.equal(last.chosen[name][k], best.chosen[name][k]) for k in pretrained), name
 
 
 def test_the_optimisation_lowers_the_loss_on_toy_data(pretrained, models):
@@ -145,7 +149,9 @@ def test_memory_does_not_grow_with_tasks_and_checkpoints_are_released(pretrained
         sizes.append(held_bytes(merger))
     assert all(r() is None for refs in references for r in refs)
     assert sizes[2] == sizes[-1], sizes
-    assert sizes[-1] <= 3 * sum(t.numel() * 4 for t in pretrained.values())
+    context_bytes = held_bytes(merger.context)  # the runner's image tower, counted since held_bytes walks dataclasses
+    assert context_bytes >= sum(t.numel() * 4 for t in pretrained.values())
+    assert sizes[-1] <= 3 * sum(t.numel() * 4 for t in pretrained.values()) + context_bytes
 
 
 def test_head_tuning_tunes_the_previous_task_and_the_last(pretrained, models):
