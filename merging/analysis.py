@@ -57,7 +57,14 @@ def singular_values(model: Mapping[str, Tensor], label: str, pretrained: Mapping
 
 
 def cumulative_share(singular_values: Tensor) -> Tensor:
-    """Normalised cumulative spectrum Σ_{j≤i} s_j / Σ s (the quantity OPCM's α cuts)."""
+    """Normalised cumulative spectrum Σ_{j≤i} s_j / Σ s (the quantity OPCM's α cuts).
+
+    The one definition of this share: OPCM's split (:func:`merging.methods.opcm.split_rank`)
+    and the spectra plot (:func:`merging.plots.spectrum_figure`) both call it, so the curve
+    the page draws is exactly the one the merge cut. Sums run in float64 and the last entry
+    is divided by itself, so the share ends at exactly 1; an empty, all-zero (or NaN) spectrum
+    has a share of zeros.
+    """
     cumulative = torch.cumsum(singular_values.double(), 0)
     total = cumulative[-1] if cumulative.numel() else torch.tensor(0.0, dtype=torch.float64)
     return cumulative / total if float(total) > 0 else torch.zeros_like(cumulative)

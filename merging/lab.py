@@ -223,10 +223,6 @@ def warm_up(config: RunConfig) -> None:
     ContinualRun(config).references  # noqa: B018
 
 
-def results_from_file(path: str | Path) -> Mapping[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
 def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
     """Cosine similarities of the run's task vectors and merged deltas, and spectra of ``layer``.
 

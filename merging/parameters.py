@@ -70,9 +70,3 @@ def get_matrix(state: Mapping[str, Tensor], label: str) -> Tensor:
     d = packed.shape[0] // 3
     i = QKV_PARTS.index(match["part"])
     return packed[i * d : (i + 1) * d]
-
-
-def block_index(label: str) -> int | None:
-    """Index of the transformer block a key or label belongs to, or None."""
-    match = re.match(r"^transformer\.resblocks\.(\d+)\.", label)
-    return int(match.group(1)) if match else None

@@ -202,12 +202,20 @@ def cosine_heatmap(similarity: Sequence[Sequence[float]], names: Sequence[str]) 
 
 
 def spectrum_figure(spectra: Mapping[str, Sequence[float]], layer: str, alpha: float | None = None) -> go.Figure:
-    """Singular values and the normalised cumulative spectrum of one layer, with OPCM's α cut."""
+    """Singular values and the normalised cumulative spectrum of one layer, with OPCM's α cut.
+
+    The cumulative curve is :func:`merging.analysis.cumulative_share`, the share OPCM's split
+    cuts at α, so the dashed line meets the curve where the merge made its cut. Torch is
+    imported here, not at the top, so that loading the figures stays free of it.
+    """
+    import torch
+
+    from .analysis import cumulative_share
+
     figure = make_subplots(rows=1, cols=2, subplot_titles=("singular values", "normalised cumulative spectrum"))
     for index, (name, values) in enumerate(spectra.items()):
         values = [float(v) for v in values]
-        total = sum(values) or 1.0
-        cumulative = [sum(values[: i + 1]) / total for i in range(len(values))]
+        cumulative = cumulative_share(torch.tensor(values, dtype=torch.float64)).tolist()
         style = dict(color=colour(index))
         figure.add_trace(go.Scatter(y=values, name=name, mode="lines", line=style, legendgroup=name), row=1, col=1)
         figure.add_trace(

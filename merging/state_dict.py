@@ -16,12 +16,6 @@ from torch import Tensor
 StateDict = dict[str, Tensor]
 
 
-def difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> StateDict:
-    """``a - b`` over ``keys`` (default: the keys of ``a``), computed in float32."""
-    keys = list(a.keys()) if keys is None else list(keys)
-    return {k: a[k].float() - b[k].float() for k in keys}
-
-
 def squared_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Iterable[str]) -> float:
     """``‖a − b‖²`` over ``keys`` as if all parameters were flattened into one vector.
 
@@ -38,25 +32,3 @@ def squared_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Ite
 def distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Iterable[str]) -> float:
     """``‖a − b‖`` over ``keys``: the task-vector norm when ``b`` is the pretrained model."""
     return squared_distance(a, b, keys) ** 0.5
-
-
-def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Iterable[str]) -> float:
-    """Inner product of two state dicts over ``keys``, accumulated in float64."""
-    total = 0.0
-    for k in keys:
-        total += float(torch.sum(a[k].double() * b[k].double()))
-    return total
-
-
-def first_non_finite(state: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> str | None:
-    """Name of the first floating-point parameter holding NaN or Inf, or None if all are finite."""
-    for k in state.keys() if keys is None else keys:
-        t = state[k]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return k
-    return None
-
-
-def numel(state: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> int:
-    """Number of entries over ``keys`` (default: all)."""
-    return sum(state[k].numel() for k in (state.keys() if keys is None else keys))
