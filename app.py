@@ -434,7 +434,7 @@ class LabHandlers:
             yield "\n".join(log), gr.skip(), gr.skip()
             for step in job.steps():
                 d = step.diagnostics
-                extra = f", λ = {d['lambda']:.3f}" if "lambda" in d else ""
+                extra = "".join(f", {part}" for part in METHODS[method].step_summary(d))
                 log.append(
                     f"step {step.index}/{step.total}: {Path(step.source).name} merged in {step.seconds:.2f} s, "
                     f"‖θ − θ0‖ = {d['merged_norm']:.4g}{extra}"

@@ -142,7 +142,9 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return options
 
 
-def _format_step(step) -> str:
+def _format_step(step, method: str) -> str:
+    from .methods import get_method
+
     d = step.diagnostics
     parts = [
         f"step {step.index}/{step.total}",
@@ -150,11 +152,8 @@ def _format_step(step) -> str:
         f"read and merged in {step.seconds:.2f} s",
         f"|tau|={d['task_norm']:.4g}",
         f"|merged-pretrained|={d['merged_norm']:.4g}",
+        *get_method(method).step_summary(d),
     ]
-    if "lambda" in d:
-        parts.append(f"lambda={d['lambda']:.4g}")
-    if "removed_share" in d:
-        parts.append(f"removed={100 * d['removed_share']:.1f}%")
     return "  ".join(parts)
 
 
@@ -198,7 +197,7 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"checkpoint: {reader.describe()}", flush=True)
     try:
         for step in job.steps():
-            print(_format_step(step), flush=True)
+            print(_format_step(step, args.method), flush=True)
     except (MergingError, KeyboardInterrupt) as exc:
         if job.completed:
             partial = _partial_path(Path(args.out), len(job.completed), len(job.readers))

@@ -164,6 +164,11 @@ class ContinualMerger(ABC):
         """Classification heads the method has tuned (task → classes × dim); zero-shot otherwise."""
         return {}
 
+    @classmethod
+    def step_summary(cls, diagnostics: Mapping[str, Any]) -> list[str]:
+        """What a progress line says about one step beyond the task and merged norms (the method's own numbers)."""
+        return []
+
     @property
     def tunes_heads(self) -> bool:
         """Whether :meth:`heads` may replace zero-shot heads (then runs also report zero-shot-head accuracy)."""

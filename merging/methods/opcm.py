@@ -17,6 +17,7 @@ null space is then exactly what the reference gets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -176,6 +177,10 @@ class OPCM(ContinualMerger):
         super().start(pretrained, device)
         self.lambda_prev = 1.0
         self._norm_sum = 0.0
+
+    @classmethod
+    def step_summary(cls, diagnostics: Mapping[str, Any]) -> list[str]:
+        return [f"lambda={diagnostics['lambda']:.4g}", f"removed={100 * diagnostics['removed_share']:.1f}%"]
 
     def _merge(self, step: StepInput) -> dict[str, Any]:
         incoming = step.checkpoint
