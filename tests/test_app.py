@@ -28,7 +28,8 @@ def test_merge_handler_streams_one_update_per_step_and_offers_the_download(check
     updates = merge("opcm", str(base), "\n".join(map(str, fine)), "opcm.alpha=0.5", "cpu")
     logs = [u[0] for u in updates]
     assert [log.count("step ") for log in logs] == [0, 1, 2, 3, 3]
-    assert "lambda=" in logs[-2] and "removed=" in logs[-2] and "merged encoder ready to download (hf layout)" in logs[-1]
+    assert "lambda=" in logs[-2] and "removed=" in logs[-2]
+    assert "merged encoder ready to download (hf layout)" in logs[-1]
     files, folder = updates[-1][1:]
     assert {Path(f).name for f in files} == {"model.safetensors", "config.json"}
     assert HANDLERS.workspaces.owns(None, folder) and all(Path(f).parent == Path(folder) for f in files)
