@@ -289,7 +289,7 @@ class LabHandlers:
         if count is not None and count < 0:
             raise MergingError(f"test images per task must be at least 1 (or 0 for all), not {count}")
         text = _text(checkpoints, "checkpoint list")
-        if len(lab.parse_checkpoint_lines(text)) > MAX_CHECKPOINTS:
+        if sum(1 for line in text.splitlines() if line.strip() and not line.strip().startswith("#")) > MAX_CHECKPOINTS:
             raise MergingError(f"at most {MAX_CHECKPOINTS} checkpoints per run")
         if len(option_values) != len(lab.option_fields()):
             raise MergingError(f"expected {len(lab.option_fields())} option values, got {len(option_values)}")

@@ -157,10 +157,13 @@ class Workspaces:
         self._counter = 0
         atexit.register(self.close)
 
+    def _path(self, session: str | None) -> Path:
+        """Where a session's folder is (hashed id: no visitor text in the path); nothing is created."""
+        return self.root / hashlib.sha256((session or "local").encode()).hexdigest()[:24]
+
     def folder(self, session: str | None) -> Path:
         """The session's folder (created on first use; its time stamp marks the session as alive)."""
-        key = hashlib.sha256((session or "local").encode()).hexdigest()[:24]
-        path = self.root / key
+        path = self._path(session)
         with self._lock:
             path.mkdir(exist_ok=True)
             os.utime(path)
@@ -186,13 +189,11 @@ class Workspaces:
 
     def owns(self, session: str | None, path: str | Path) -> bool:
         """Whether ``path`` lies in this session's folder."""
-        folder = self.folder(session).resolve()
-        return Path(path).resolve().is_relative_to(folder)
+        return Path(path).resolve().is_relative_to(self._path(session).resolve())
 
     def release(self, session: str | None) -> None:
         """Delete a session's files (called when its page is closed)."""
-        key = hashlib.sha256((session or "local").encode()).hexdigest()[:24]
-        shutil.rmtree(self.root / key, ignore_errors=True)
+        shutil.rmtree(self._path(session), ignore_errors=True)
 
     def sweep(self, keep: Path | None = None) -> None:
         """Delete the folders of sessions idle for longer than the time to live."""

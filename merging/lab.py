@@ -21,7 +21,7 @@ from .evaluation import DEFAULT_SAMPLES
 from .hosting import SourcePolicy
 from .methods import METHODS
 from .runner import CheckpointSpec, ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
-from .sources import check_no_duplicates, locate, portable
+from .sources import locate, portable
 
 
 def _located(spec: CheckpointSpec) -> CheckpointSpec:
@@ -116,7 +116,6 @@ class LabRequest:
         specs = parse_checkpoint_lines(self.checkpoints)
         if not specs:
             raise MergingError("the checkpoint list is empty: pick a preset or add checkpoints")
-        check_no_duplicates([s.source for s in specs], self.allow_duplicates)
         specs = [CheckpointSpec(policy.checkpoint(s.source), s.task) for s in specs]
         return RunConfig(
             backbone=policy.backbone(self.backbone),

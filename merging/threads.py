@@ -113,11 +113,6 @@ def apply_share() -> int:
     return BUDGET.apply()
 
 
-def fair_share() -> int:
-    """The number of intra-op threads each run in flight gets now."""
-    return BUDGET.share()
-
-
 def runs_in_flight() -> int:
     """How many runs hold a slot now."""
     return BUDGET.runs_in_flight
