@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_parser import EXIT_BAD_INPUT, OneLineParser
-from .errors import MergingError, OptionError
+from .errors import MergingError
 from .outputs import check_outputs, write_or_rescue
 from .sources import check_no_duplicates, check_source_text
 
@@ -131,17 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_options(pairs: Sequence[str]) -> dict[str, str]:
-    """``["alpha=0.5", ...]`` → ``{"alpha": "0.5"}``; values are parsed by the method."""
-    options: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"option {pair!r} is not KEY=VALUE")
-        options[key.strip()] = value.strip()
-    return options
-
-
 def _format_step(step, method: str) -> str:
     from .methods import get_method
 
@@ -157,7 +146,7 @@ def _format_step(step, method: str) -> str:
     return "  ".join(parts)
 
 
-def merge_outputs(out: str, fmt: str | None) -> list[Path]:
+def merge_outputs(out: str) -> list[Path]:
     """The files ``merge --out`` will write (a directory receives the weights and a config)."""
     path = Path(out)
     if path.suffix == ".safetensors":
@@ -178,7 +167,7 @@ def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
     check_no_duplicates(sources, args.allow_duplicates)
     if Path(args.out).suffix != ".safetensors" and args.format == "open_clip":
         raise MergingError(f"--out {args.out}: the open_clip format is written to a .safetensors file")
-    check_outputs(merge_outputs(args.out, args.format), [pretrained, *sources])
+    check_outputs(merge_outputs(args.out), [pretrained, *sources])
     return ContinualMerge(
         method=args.method,
         pretrained=pretrained,

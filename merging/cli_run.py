@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_parser import EXIT_BAD_INPUT, OneLineParser
 from .devices import DEVICE_CHOICES
 from .errors import MergingError, OptionError
 from .evaluation import DEFAULT_SAMPLES
@@ -16,8 +15,6 @@ from .methods import METHODS, get_method
 from .outputs import check_outputs, write_or_rescue
 from .runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
 from .sources import check_no_duplicates, locate
-
-__all__ = ["EXIT_BAD_INPUT", "OneLineParser", "add_run_parser", "method_options", "prepare_run", "run_command"]
 
 
 def nonnegative_int(text: str) -> int:
