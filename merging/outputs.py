@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import MergingError
-from .sources import WEIGHT_FILE_NAMES, locate
+from .sources import local_checkpoint
 from .tasks import ASSETS
 
 T = TypeVar("T")
@@ -27,14 +27,7 @@ T = TypeVar("T")
 
 def _input_roots(inputs: Iterable[str]) -> list[Path]:
     """What writing must not touch: each local input checkpoint's folder (or its single file)."""
-    roots = []
-    for source in inputs:
-        path = Path(locate(source))
-        if not path.exists():
-            continue
-        resolved = path.resolve()
-        roots.append(resolved.parent if resolved.is_file() and resolved.name in WEIGHT_FILE_NAMES else resolved)
-    return roots
+    return [root for root in map(local_checkpoint, inputs) if root is not None]
 
 
 def check_outputs(files: Sequence[str | Path], inputs: Iterable[str] = (), flag: str = "--out") -> None:

@@ -85,24 +85,30 @@ def portable(source: str) -> str:
     return source
 
 
+def local_checkpoint(source: str) -> Path | None:
+    """The checkpoint a local source names, resolved: its folder (a folder and its
+    ``model.safetensors`` are one checkpoint), or its single file; None if it is not on disk."""
+    path = Path(locate(source))
+    if not path.exists():
+        return None
+    resolved = path.resolve()
+    return resolved.parent if resolved.is_file() and resolved.name in WEIGHT_FILE_NAMES else resolved
+
+
 def identity(source: str) -> str:
     """A key equal for two sources that name the same checkpoint.
 
     A folder and its ``model.safetensors`` are the same checkpoint; Hub ids compare without
     the ``hf-hub:`` prefix and case (the Hub resolves ids case-insensitively).
     """
-    located = locate(source)
-    path = Path(located)
-    if path.exists():
-        resolved = path.resolve()
-        if resolved.is_file() and resolved.name in WEIGHT_FILE_NAMES:
-            resolved = resolved.parent
-        return f"path:{resolved}"
+    local = local_checkpoint(source)
+    if local is not None:
+        return f"path:{local}"
     if is_hub_shaped(source):
         body = source[len(HF_HUB_PREFIX) :] if source.startswith(HF_HUB_PREFIX) else source
         repo, _, revision = body.partition("@")
         return f"hub:{repo.lower()}@{revision or 'main'}"
-    return f"text:{located}"
+    return f"text:{locate(source)}"
 
 
 def find_duplicate(sources: Sequence[str]) -> tuple[int, int] | None:
