@@ -15,7 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,11 @@ from ..errors import CheckpointError, MergingError, OptionError
 from ..image_set import ImageSet
 from ..parallel import map_on_threads
 from ..state_dict import StateDict, distance
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
+
+    from ..results import MethodResults
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -106,6 +111,37 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Diagnostic:
+    """One number (or structure) a method reports after each step, declared so that tools know it.
+
+    ``kind`` is the JSON-ready type of the value (``float``, ``int``, ``str``, ``list``,
+    ``dict``); ``optional`` values may be missing or None on some steps (the first, say).
+    """
+
+    name: str
+    kind: type | tuple[type, ...]
+    help: str
+    optional: bool = False
+
+    def check(self, method: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        if float in kinds:
+            kinds = (*kinds, int)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise TypeError(f"{method} diagnostic {self.name}={value!r} is not of the declared kind {self.kind}")
+
+
+# What every step reports, whatever the method (the base class measures them).
+COMMON_DIAGNOSTICS = (
+    Diagnostic("step", int, "the step's number, from 1"),
+    Diagnostic("task_norm", float, "‖θ_t − θ0‖ of the incoming checkpoint over the merged parameters"),
+    Diagnostic("merged_norm", float, "‖θ^(t) − θ0‖ of the merged encoder after the step"),
+)
+
+
 @dataclass
 class StepResult:
     """What a merger returns after each step.
@@ -146,6 +182,14 @@ class ContinualMerger(ABC):
     options: ClassVar[tuple[Option, ...]] = ()
     # Data-driven methods (OTMF) learn from images of the tasks: they need a MergeContext.
     requires_data: ClassVar[bool] = False
+    # What each step reports beyond COMMON_DIAGNOSTICS; a step returning anything else fails.
+    diagnostics: ClassVar[tuple[Diagnostic, ...]] = ()
+    # The method's key in assets/reference/reference_results.json, if the papers report it.
+    published_name: ClassVar[str | None] = None
+    # How the method works, in Markdown with $math$, for the app's explanations.
+    explanation: ClassVar[str] = ""
+    # The label of the method's live "internals" figure (see live_figure), if it draws one.
+    figure_title: ClassVar[str | None] = None
 
     def __init__(self, **options: Any):
         self.config = self.parse_options(options)
@@ -168,6 +212,29 @@ class ContinualMerger(ABC):
     def step_summary(cls, diagnostics: Mapping[str, Any]) -> list[str]:
         """What a progress line says about one step beyond the task and merged norms (the method's own numbers)."""
         return []
+
+    @classmethod
+    def live_figure(cls, results: MethodResults) -> Figure | None:
+        """The method's internals after the steps so far (a plotly figure), or None if it draws none.
+
+        Called by the app after every step with the typed results (steps and their declared
+        diagnostics); import plotly inside, so that importing the method stays light.
+        """
+        return None
+
+    @classmethod
+    def spectrum_marks(cls, options: Mapping[str, Any]) -> dict[str, float]:
+        """Levels to mark on the normalised cumulative spectrum (label → share), e.g. OPCM's α cut."""
+        return {}
+
+    @classmethod
+    def check_diagnostics(cls, diagnostics: Mapping[str, Any]) -> None:
+        """Raise unless every reported diagnostic is declared (common or the method's) with its kind."""
+        declared = {d.name: d for d in (*COMMON_DIAGNOSTICS, *cls.diagnostics)}
+        for name, value in diagnostics.items():
+            if name not in declared:
+                raise TypeError(f"{cls.name} reported diagnostic {name!r}, which it does not declare")
+            declared[name].check(cls.name, value)
 
     @property
     def tunes_heads(self) -> bool:
@@ -222,6 +289,7 @@ class ContinualMerger(ABC):
         diagnostics.update(self._merge(step))
         if "merged_norm" not in diagnostics:
             diagnostics["merged_norm"] = distance(self.merged, self.pretrained, self.merge_keys)
+        self.check_diagnostics(diagnostics)
         return StepResult(self.merged, diagnostics)
 
     def _check_keys(self, finetuned: Mapping[str, Tensor]) -> list[str]:

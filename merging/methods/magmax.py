@@ -19,6 +19,10 @@ class MagMax(ContinualMerger):
     name: ClassVar[str] = "magmax"
     title: ClassVar[str] = "MagMax"
     summary: ClassVar[str] = "Keeps, per parameter entry, the task-vector value of largest magnitude seen so far."
+    published_name: ClassVar[str | None] = "magmax"
+    explanation: ClassVar[str] = (
+        r"Keeps, per entry, the task-vector value of largest magnitude: $\theta^{(t)} = \theta_0 + \lambda v$."
+    )
     options: ClassVar[tuple[Option, ...]] = (
         Option("scaling", 0.5, "λ applied to the max-magnitude vector", minimum=0.0, exclusive_minimum=True),
     )

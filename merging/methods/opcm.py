@@ -17,9 +17,10 @@ null space is then exactly what the reference gets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,7 +28,12 @@ from torch import Tensor
 from ..analysis import cumulative_share
 from ..parallel import map_on_threads
 from ..parameters import matrix_views
-from .base import ContinualMerger, Option, StepInput
+from .base import ContinualMerger, Diagnostic, Option, StepInput
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
+
+    from ..results import MethodResults
 
 # Below this ratio to the largest singular value a direction is treated as null space.
 _RANK_TOLERANCE = 1e-6
@@ -154,6 +160,25 @@ class OPCM(ContinualMerger):
         "Projects each new task vector away from the merged task vector's leading singular "
         "directions, then rescales so the merged norm is the mean task-vector norm."
     )
+    published_name: ClassVar[str | None] = "opcm"
+    explanation: ClassVar[str] = (
+        r"For every linear weight, take the SVD of the merged task vector $\Delta_M = U \Sigma V^\top$, keep the "
+        r"leading directions whose cumulative share of $\sum \sigma$ is at most $\alpha$, and project the new task "
+        r"vector away from them (and from the diagonal of the singular basis): $\tilde\tau_t = \tau_t - U_r "
+        r"(U_r^\top \tau_t V) V^\top - \dots$. "
+        r"Then $\Delta \leftarrow (\lambda_{t-1}\Delta + \tilde\tau_t)/\lambda_t$, "
+        r"with $\lambda_t$ chosen so that $\lVert\Delta\rVert$ is the mean of the task-vector norms; "
+        r"$\lambda_t \approx \sqrt t$ for orthogonal task vectors."
+    )
+    diagnostics: ClassVar[tuple[Diagnostic, ...]] = (
+        Diagnostic("lambda", float, "λ(t), the rescaling of the merged task vector (≈ √t for orthogonal task vectors)"),
+        Diagnostic(
+            "mean_task_norm", float, "the running mean of the task-vector norms, the merged delta's target norm"
+        ),
+        Diagnostic("removed_share", float, "share of ‖τ_t‖ the projection removed"),
+        Diagnostic("matrices", dict, "per matrix: the split rank r and the share of its task vector removed"),
+    )
+    figure_title: ClassVar[str | None] = "OPCM: λ(t) and the share of τ_t removed"
     options: ClassVar[tuple[Option, ...]] = (
         Option("alpha", 0.5, "share of Σs whose leading singular directions are protected", minimum=0.0, maximum=1.0),
         Option(
@@ -181,6 +206,35 @@ class OPCM(ContinualMerger):
     @classmethod
     def step_summary(cls, diagnostics: Mapping[str, Any]) -> list[str]:
         return [f"lambda={diagnostics['lambda']:.4g}", f"removed={100 * diagnostics['removed_share']:.1f}%"]
+
+    @classmethod
+    def spectrum_marks(cls, options: Mapping[str, Any]) -> dict[str, float]:
+        alpha = next(o.default for o in cls.options if o.name == "alpha")
+        return {"α": float(options.get("alpha", alpha))}
+
+    @classmethod
+    def live_figure(cls, results: MethodResults) -> Figure | None:
+        """λ(t) against √t, and the share of each new task vector the projection removed."""
+        if not results.steps:
+            return None
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        from ..plots import colour, styled
+
+        x = list(range(1, len(results.steps) + 1))
+        figure = make_subplots(rows=1, cols=2, subplot_titles=("λ(t) and √t", "share of τ_t removed by the projection"))
+        lam = [s.diagnostics.get("lambda") for s in results.steps]
+        figure.add_trace(go.Scatter(x=x, y=lam, name="λ(t)", mode="lines+markers", line=dict(color=colour(0))), 1, 1)
+        figure.add_trace(
+            go.Scatter(x=x, y=[math.sqrt(t) for t in x], name="√t", mode="lines", line=dict(color="#999", dash="dash")),
+            1,
+            1,
+        )
+        removed = [s.diagnostics.get("removed_share") for s in results.steps]
+        figure.add_trace(go.Bar(x=x, y=removed, name="removed share", marker_color=colour(1)), 1, 2)
+        figure.update_xaxes(title_text="step", dtick=1)
+        return styled(figure, "OPCM internals")
 
     def _merge(self, step: StepInput) -> dict[str, Any]:
         incoming = step.checkpoint

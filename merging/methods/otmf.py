@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,12 @@ from torch.func import functional_call
 
 from ..errors import MergingError
 from ..ot_loss import OT_LOSSES, ot_loss
-from .base import ContinualMerger, Incoming, Option, StepInput
+from .base import ContinualMerger, Diagnostic, Incoming, Option, StepInput
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
+
+    from ..results import MethodResults
 
 _TEACHER_BATCH = 64
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit; larger mask sets are subsampled evenly
@@ -73,6 +78,29 @@ class OTMF(ContinualMerger):
         "teachers' feature distributions in optimal transport."
     )
     requires_data: ClassVar[bool] = True
+    explanation: ClassVar[str] = (
+        r"Fuse the merged model and the new checkpoint with real-valued masks, $\theta(M) = \theta_0 + \alpha\, "
+        r"M_{pre} \odot \Delta_{pre} + (1-\alpha)\, M_{post} \odot \Delta_{post}$, trained with Adam so that "
+        r"$\theta(M)$'s features match, in optimal transport, those of the merged model on the previous task's "
+        r"images and of the new checkpoint on the new task's."
+    )
+    diagnostics: ClassVar[tuple[Diagnostic, ...]] = (
+        Diagnostic("task", str, "the task of the incoming checkpoint"),
+        Diagnostic("head_tuning", list, "per head tuned after this step: task, images, loss curve, seconds"),
+        Diagnostic("alpha", float, "α, the merged model's weight", optional=True),
+        Diagnostic("pre_task", str, "the previous task (the merged model's teacher data)", optional=True),
+        Diagnostic("post_task", str, "the new task (the new checkpoint's teacher data)", optional=True),
+        Diagnostic("teacher_seconds", float, "time to compute both teachers' features", optional=True),
+        Diagnostic("optimisation_seconds", float, "time to train the masks", optional=True),
+        Diagnostic("loss_pre", list, "OT loss of the pre masks per update", optional=True),
+        Diagnostic("loss_post", list, "OT loss of the post masks per update", optional=True),
+        Diagnostic("best_step", dict, "per mask set, the update of the lowest loss", optional=True),
+        Diagnostic("best_loss", dict, "per mask set, the lowest loss", optional=True),
+        Diagnostic("schedule", str, "how the two mask sets were trained", optional=True),
+        Diagnostic("keep", str, "which masks were kept (best or last)", optional=True),
+        Diagnostic("masks", dict, "per mask set: mean, std, quantiles and tail shares of the masks", optional=True),
+    )
+    figure_title: ClassVar[str | None] = "OTMF: loss curves and mask statistics"
     options: ClassVar[tuple[Option, ...]] = (
         Option(
             "alpha", 0.8, "weight α of the merged model's delta (1 − α goes to the new task)", minimum=0.0, maximum=1.0
@@ -115,6 +143,69 @@ class OTMF(ContinualMerger):
     @property
     def tunes_heads(self) -> bool:
         return self.config["head_tuning"] == "on"
+
+    @classmethod
+    def live_figure(cls, results: MethodResults) -> Figure | None:
+        """The loss curves of both mask sets per merge step, and the masks' statistics per step."""
+        if not results.steps:
+            return None
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        from ..plots import colour, styled
+
+        figure = make_subplots(
+            rows=1, cols=3, subplot_titles=("pre masks: OT loss", "post masks: OT loss", "masks: mean ± std, tails")
+        )
+        for index, step in enumerate(results.steps):
+            for col, key in ((1, "loss_pre"), (2, "loss_post")):
+                if step.diagnostics.get(key):
+                    figure.add_trace(
+                        go.Scatter(
+                            y=step.diagnostics[key],
+                            name=f"step {index + 1}",
+                            mode="lines",
+                            line=dict(color=colour(index)),
+                            legendgroup=str(index),
+                            showlegend=col == 1,
+                        ),
+                        row=1,
+                        col=col,
+                    )
+        for offset, which in ((0, "pre"), (1, "post")):
+            points = [
+                (t + 1, s.diagnostics["masks"][which]) for t, s in enumerate(results.steps) if "masks" in s.diagnostics
+            ]
+            if not points:
+                continue
+            x = [t for t, _ in points]
+            figure.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[m["mean"] for _, m in points],
+                    error_y=dict(array=[m["std"] for _, m in points]),
+                    name=f"{which} mask mean ± std",
+                    mode="markers+lines",
+                    line=dict(color=colour(6 + offset)),
+                ),
+                row=1,
+                col=3,
+            )
+            figure.add_trace(
+                go.Bar(
+                    x=x,
+                    y=[m["below_0.5"] + m["above_1.5"] for _, m in points],
+                    name=f"{which}: share < 0.5 or > 1.5",
+                    marker_color=colour(4 + offset),
+                    opacity=0.5,
+                ),
+                row=1,
+                col=3,
+            )
+        figure.update_xaxes(title_text="update", row=1, col=1)
+        figure.update_xaxes(title_text="update", row=1, col=2)
+        figure.update_xaxes(title_text="step", dtick=1, row=1, col=3)
+        return styled(figure, "OTMF internals")
 
     # ------------------------------------------------------------ one step
 

@@ -11,6 +11,8 @@ class TaskArithmetic(ContinualMerger):
     name: ClassVar[str] = "task_arithmetic"
     title: ClassVar[str] = "Continual Task Arithmetic"
     summary: ClassVar[str] = "Adds each new task vector, scaled by λ, to the merged model."
+    published_name: ClassVar[str | None] = "continual_task_arithmetic"
+    explanation: ClassVar[str] = r"$\theta^{(t)} = \theta^{(t-1)} + \lambda \tau_t$."
     options: ClassVar[tuple[Option, ...]] = (
         Option(
             "scaling",

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import ContinualMerger, Option, StepInput
+from .base import ContinualMerger, Diagnostic, Option, StepInput
 
 
 def kth_smallest_magnitude(tensors: Callable[[], Iterable[Tensor]], rank: int) -> float:
@@ -84,6 +84,15 @@ class TIES(ContinualMerger):
     summary: ClassVar[str] = (
         "Trims the merged and the new task vector to their largest entries, elects a sign per "
         "entry and adds the agreeing values, scaled by λ."
+    )
+    published_name: ClassVar[str | None] = "continual_ties"
+    explanation: ClassVar[str] = (
+        r"Trims each of $[\theta^{(t-1)}-\theta_0, \tau_t]$ to its top-$k$% entries, elects a sign per entry "
+        r"and sums the agreeing ones, scaled by $\lambda$."
+    )
+    diagnostics: ClassVar[tuple[Diagnostic, ...]] = (
+        Diagnostic("kept_threshold_merged", float, "magnitude below which the merged vector's entries were trimmed"),
+        Diagnostic("kept_threshold_task", float, "magnitude below which the new task vector's entries were trimmed"),
     )
     options: ClassVar[tuple[Option, ...]] = (
         Option("scaling", 0.3, "λ applied to the TIES-merged vector", minimum=0.0, exclusive_minimum=True),

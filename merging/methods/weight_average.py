@@ -11,6 +11,8 @@ class WeightAverage(ContinualMerger):
     name: ClassVar[str] = "weight_average"
     title: ClassVar[str] = "Continual Weight Averaging"
     summary: ClassVar[str] = "Keeps the running mean θ^(t) = ((t−1) θ^(t−1) + θ_t) / t of the fine-tuned models."
+    published_name: ClassVar[str | None] = "weight_average"
+    explanation: ClassVar[str] = r"$\theta^{(t)} = \frac{(t-1)\theta^{(t-1)} + \theta_t}{t}$."
 
     def _merge(self, step: StepInput) -> dict[str, Any]:
         incoming = step.checkpoint
