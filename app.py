@@ -17,6 +17,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,38 +41,31 @@ from merging.errors import MergingError
 from merging.evaluation import DEFAULT_SAMPLES
 from merging.hosting import SourcePolicy, Workspaces, hosted_mode, max_upload_bytes, safe_upload_name
 from merging.merge import ContinualMerge
-from merging.methods import METHODS
+from merging.methods import DEFAULT_METHOD, METHODS
+from merging.results import RunResults
 from merging.sources import check_source_text
 from merging.tasks import registry
 
 DEFAULT_PRESET = "mini-8"
 DEFAULT_BACKBONE = "mini"
 
-EXPLANATIONS = r"""
+SETTING = r"""
 **Setting.** $\theta_0$ is the pretrained image encoder, $\theta_t$ the one fine-tuned on task $t$, and
 $\tau_t = \theta_t - \theta_0$ its task vector. Checkpoints arrive one at a time; a continual method keeps only
 $\theta_0$, its merged model and a few numbers, never earlier checkpoints.
+"""
 
-**OPCM.** For every linear weight, take the SVD of the merged task vector $\Delta_M = U \Sigma V^\top$, keep the
-leading directions whose cumulative share of $\sum \sigma$ is at most $\alpha$, and project the new task vector
-away from them (and from the diagonal of the singular basis): $\tilde\tau_t = \tau_t - U_r (U_r^\top \tau_t V) V^\top
-- \dots$. Then $\Delta \leftarrow (\lambda_{t-1}\Delta + \tilde\tau_t)/\lambda_t$, with $\lambda_t$ chosen so that
-$\lVert\Delta\rVert$ is the mean of the task-vector norms; $\lambda_t \approx \sqrt t$ for orthogonal task vectors.
-
-**OTMF.** Fuse the merged model and the new checkpoint with real-valued masks,
-$\theta(M) = \theta_0 + \alpha\, M_{pre} \odot \Delta_{pre} + (1-\alpha)\, M_{post} \odot \Delta_{post}$, trained
-with Adam so that $\theta(M)$'s features match, in optimal transport, those of the merged model on the previous
-task's images and of the new checkpoint on the new task's.
-
-**Task arithmetic** $\theta^{(t)} = \theta^{(t-1)} + \lambda \tau_t$. **Weight averaging** $\theta^{(t)} =
-\frac{(t-1)\theta^{(t-1)} + \theta_t}{t}$. **TIES** trims each of $[\theta^{(t-1)}-\theta_0, \tau_t]$ to its
-top-$k$% entries, elects a sign per entry and sums the agreeing ones, scaled by $\lambda$. **MagMax** keeps, per
-entry, the task-vector value of largest magnitude: $\theta^{(t)} = \theta_0 + \lambda v$.
-
+METRICS = r"""
 **Metrics.** $a_{i,t}$ is the accuracy on task $i$ after step $t$. $\mathrm{ACC} = \frac1T \sum_i a_{i,T}$;
 $\mathrm{BWT} = \frac{1}{T-1} \sum_{i<T} (a_{i,T} - a_{i,i})$, where $a_{i,i}$ is the merged model right after task
 $i$ entered (negative BWT is forgetting).
 """
+
+
+def explanations() -> str:
+    """The setting, each registered method's own explanation, and the metrics (Markdown with $math$)."""
+    methods = [f"**{cls.title}.** {cls.explanation}" for cls in METHODS.values() if cls.explanation]
+    return "\n\n".join([SETTING.strip(), *methods, METRICS.strip()])
 
 
 # Gradio re-mounts a plot whenever its figure changes, so plotly's uirevision cannot keep a
@@ -171,6 +165,26 @@ def max_concurrent_runs() -> int:
 
 
 # ------------------------------------------------------------------ the handlers
+
+
+@dataclass
+class RunView:
+    """What the Run event shows, by name: its outputs are these fields in this order (``build_app``
+    wires each field to the component of the same name). A field left as ``gr.skip()`` keeps
+    what the page shows."""
+
+    status: Any = field(default_factory=gr.skip)
+    heatmap: Any = field(default_factory=gr.skip)
+    lines: Any = field(default_factory=gr.skip)
+    curves: Any = field(default_factory=gr.skip)
+    table: Any = field(default_factory=gr.skip)
+    files: Any = field(default_factory=gr.skip)
+    results: Any = field(default_factory=gr.skip)  # results.json as JSON, in the session's gr.State
+    shown: Any = field(default_factory=gr.skip)
+    internals: Any = field(default_factory=gr.skip)
+
+    def outputs(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 class LabHandlers:
@@ -340,35 +354,46 @@ class LabHandlers:
             layout = _choice(layout, LAYOUTS, "merged encoder layout")
             folder = self.workspaces.new_folder(session_of(request), "run")
             for update in lab.stream(config, folder, fmt=layout):
+                names = list(update.results.methods)
                 heatmap, lines, curves, table = figures_for(update.results, None)
-                names = list(update.results["methods"])
-                choice = gr.update(choices=names, value=names[0])
-                opcm, otmf = plots.internals(update.results)
-                files = [str(f) for f in update.files] or None
-                yield (update.status, heatmap, lines, curves, table, files, update.results, choice, opcm, otmf)
+                yield RunView(
+                    status=update.status,
+                    heatmap=heatmap,
+                    lines=lines,
+                    curves=curves,
+                    table=table,
+                    files=[str(f) for f in update.files] or None,
+                    results=update.results.to_json(),
+                    shown=gr.update(choices=names, value=names[0]),
+                    internals=internals_update(update.results, names[0]),
+                ).outputs()
         except MergingError as exc:
             # The status line keeps the message and every other output what the run (or an
             # earlier run) already showed; then the error toast. The event's progress display
             # sits on a hidden component, so the error marks no output.
-            yield (f"**Error:** {exc}", *(gr.skip() for _ in range(9)))
+            yield RunView(status=f"**Error:** {exc}").outputs()
             raise user_error(exc) from None
 
     def stopped(self, results: dict[str, Any] | None) -> str:
-        return lab.stopped_status(results if isinstance(results, dict) else None)
+        return lab.stopped_status(results_from_state(results))
 
-    def show_method(self, results: dict[str, Any] | None, shown: str) -> tuple[Any, Any]:
-        heatmap, _, curves, _ = figures_for(results, shown if isinstance(shown, str) else None)
-        return heatmap, curves
+    def show_method(self, results: dict[str, Any] | None, shown: str) -> tuple[Any, Any, Any]:
+        """The matrix, per-task curves and internals of the method chosen to be shown."""
+        typed = results_from_state(results)
+        shown = shown if isinstance(shown, str) else None
+        heatmap, _, curves, _ = figures_for(typed, shown)
+        method = shown if typed is not None and shown in typed.methods else None
+        return heatmap, curves, internals_update(typed, method)
 
     def analyse(self, request: gr.Request, results: dict[str, Any] | None, layer: str) -> tuple[Any, Any]:
         """Cosine similarities of the task vectors (and merged deltas) and spectra of a layer."""
-        if not results or not results.get("methods"):
-            raise user_error(MergingError("run something first: the analysis reads the run's checkpoints"))
         try:
-            downloads = results.get("downloads")
-            if downloads and not self.workspaces.owns(session_of(request), downloads):
+            typed = results_from_state(results, strict=True)
+            if typed is None or not typed.methods:
+                raise MergingError("run something first: the analysis reads the run's checkpoints")
+            if typed.downloads and not self.workspaces.owns(session_of(request), typed.downloads):
                 raise MergingError("this run's files belong to another session")
-            return lab.analysis_figures(results, _text(layer, "layer", 500).strip() or None)
+            return lab.analysis_figures(typed, _text(layer, "layer", 500).strip() or None)
         except MergingError as exc:
             raise user_error(exc) from None
 
@@ -465,12 +490,33 @@ class LabHandlers:
         self.workspaces.release(session_of(request))
 
 
-def figures_for(results: dict[str, Any] | None, shown: str | None) -> tuple[Any, Any, Any, Any]:
+def results_from_state(results: Any, strict: bool = False) -> RunResults | None:
+    """The typed results from the session state (JSON). Anything a script sends that is not
+    results is None, or with ``strict`` an error that says so."""
+    if not results:
+        return None
+    try:
+        return RunResults.from_json(results)
+    except MergingError:
+        if strict:
+            raise
+        return None
+
+
+def internals_update(results: RunResults | None, method: str | None) -> Any:
+    """The internals plot for ``method``: its own live figure, under the label it declares."""
+    if results is None or method is None or method not in METHODS:
+        return gr.update(value=None, label="Method internals")
+    cls = METHODS[method]
+    return gr.update(value=plots.internals_figure(results, method), label=cls.figure_title or f"{cls.title} internals")
+
+
+def figures_for(results: RunResults | None, shown: str | None) -> tuple[Any, Any, Any, Any]:
     """The live figures (accuracy matrix and per-task curves of the shown method, ACC/BWT of all)."""
-    if not results or not results.get("methods"):
-        return None, None, None, plots.results_table({"methods": {}, "tasks": []})
-    method = shown if shown in results["methods"] else next(iter(results["methods"]))
-    has_steps = bool(results["methods"][method]["accuracy"])
+    if results is None or not results.methods:
+        return None, None, None, plots.results_table(RunResults(config={}, tasks=[], methods={}))
+    method = shown if shown in results.methods else next(iter(results.methods))
+    has_steps = bool(results.methods[method].steps)
     heatmap = plots.accuracy_heatmap(results, method) if has_steps else None
     curves = plots.per_task_curves(results, method) if has_steps else None
     return heatmap, plots.acc_bwt_figure(results), curves, plots.results_table(results)
@@ -584,7 +630,9 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         allow_duplicates = gr.Checkbox(
                             value=False, label="Allow duplicates (merge a checkpoint listed twice twice)"
                         )
-                    method_choice = gr.CheckboxGroup(list(METHODS), value=["opcm"], label="Methods (side by side)")
+                    method_choice = gr.CheckboxGroup(
+                        list(METHODS), value=[DEFAULT_METHOD], label="Methods (side by side)"
+                    )
                     option_inputs = []
                     for name, cls in METHODS.items():
                         with gr.Accordion(f"{cls.title} options", open=False):
@@ -607,7 +655,11 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     # never covered and an error toast leaves every output as it was.
                     progress_anchor = gr.HTML("", visible=False)
                     with gr.Row():
-                        shown = gr.Dropdown(["opcm"], value="opcm", label="Method shown in the matrix and curves")
+                        shown = gr.Dropdown(
+                            [DEFAULT_METHOD],
+                            value=DEFAULT_METHOD,
+                            label="Method shown in the matrix, curves and internals",
+                        )
                     with gr.Row():
                         heatmap = gr.Plot(label="Accuracy matrix", elem_id="lab-plot-matrix")
                         lines = gr.Plot(label="ACC and BWT", elem_id="lab-plot-acc-bwt")
@@ -615,7 +667,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     table = gr.Dataframe(headers=plots.TABLE_HEADERS, label="Results", interactive=False)
                     with gr.Accordion("Push a merged encoder to the Hub", open=False):
                         with gr.Row():
-                            push_method = gr.Dropdown(list(METHODS), value="opcm", label="Method")
+                            push_method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
                             push_repo = gr.Textbox(label="Repository (ORG/NAME)")
                             push_token = gr.Textbox(label="Token with write access", type="password")
                         push_button = gr.Button("Push")
@@ -626,18 +678,15 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         file_count="multiple",
                         interactive=False,
                     )
-                    with gr.Accordion("Method internals (live)", open=False):
-                        opcm_internals = gr.Plot(
-                            label="OPCM: λ(t) and the share of τ_t removed", elem_id="lab-plot-opcm"
-                        )
-                        otmf_internals = gr.Plot(label="OTMF: loss curves and mask statistics", elem_id="lab-plot-otmf")
+                    with gr.Accordion("Method internals (live, of the method shown)", open=False):
+                        internals = gr.Plot(label="Method internals", elem_id="lab-plot-internals")
                     with gr.Accordion("Analysis: task vectors and spectra", open=False):
                         layer = gr.Textbox(label="Layer for the spectra (empty: the last block's MLP input weight)")
                         analyse_button = gr.Button("Analyse the run")
                         cosine = gr.Plot(label="Cosine similarity", elem_id="lab-plot-cosine")
                         spectra = gr.Plot(label="Singular-value spectra", elem_id="lab-plot-spectra")
                     with gr.Accordion("How the methods work", open=False):
-                        gr.Markdown(EXPLANATIONS, latex_delimiters=[{"left": "$", "right": "$", "display": False}])
+                        gr.Markdown(explanations(), latex_delimiters=[{"left": "$", "right": "$", "display": False}])
                         gr.Markdown(methods_markdown())
             preset.change(handlers.preset_list, [preset, backbone], checkpoints)
             shuffle.click(handlers.shuffle_list, [checkpoints, order_seed], checkpoints)
@@ -648,6 +697,17 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     checkpoints,
                 )
             upload.upload(handlers.add_uploads, [upload, checkpoints], checkpoints)
+            view = {
+                "status": status,
+                "heatmap": heatmap,
+                "lines": lines,
+                "curves": curves,
+                "table": table,
+                "files": files,
+                "results": results_state,
+                "shown": shown,
+                "internals": internals,
+            }
             event = run.click(
                 on_gpu(handlers.run_lab),
                 api_name="run",
@@ -664,18 +724,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     allow_duplicates,
                     *option_inputs,
                 ],
-                outputs=[
-                    status,
-                    heatmap,
-                    lines,
-                    curves,
-                    table,
-                    files,
-                    results_state,
-                    shown,
-                    opcm_internals,
-                    otmf_internals,
-                ],
+                outputs=[view[f.name] for f in fields(RunView)],
                 show_progress_on=[progress_anchor],
                 **compute,
             )
@@ -686,7 +735,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 push_status,
                 api_visibility="private",
             )
-            shown.change(handlers.show_method, [results_state, shown], [heatmap, curves])
+            shown.change(handlers.show_method, [results_state, shown], [heatmap, curves, internals])
             analyse_button.click(
                 handlers.analyse, [results_state, layer], [cosine, spectra], api_name="analyse", **compute
             )
@@ -698,7 +747,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
             with gr.Row():
                 with gr.Column():
                     merge_methods = [name for name, cls in METHODS.items() if not cls.requires_data]
-                    method = gr.Dropdown(merge_methods, value="opcm", label="Method")
+                    method = gr.Dropdown(merge_methods, value=merge_methods[0], label="Method")
                     pretrained = gr.Textbox(label="Pretrained encoder (Hub id, embedded path or upload:NAME)")
                     merge_list = gr.Textbox(label="Fine-tuned checkpoints, one per line, in merge order", lines=5)
                     merge_upload = gr.File(
@@ -706,7 +755,11 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         file_types=[".safetensors"],
                         file_count="multiple",
                     )
-                    options = gr.Textbox(label="Options (KEY=VALUE, comma separated)", placeholder="alpha=0.5")
+                    example = next((o for o in METHODS[merge_methods[0]].options), None)
+                    options = gr.Textbox(
+                        label="Options (KEY=VALUE, comma separated)",
+                        placeholder=f"{example.name}={example.default}" if example else "",
+                    )
                     with gr.Row():
                         merge_device = gr.Radio(list(DEVICE_CHOICES), value="auto", label="Device")
                         merge_layout = gr.Radio(list(LAYOUTS), value="hf", label="Layout of the merged encoder")

@@ -33,7 +33,7 @@ def timed_run(config: RunConfig, cache: Path, evaluator: Evaluator | None = None
     for _ in run.steps():
         if first is None:
             first = time.perf_counter() - started
-    return first, time.perf_counter() - started, run.results()
+    return first, time.perf_counter() - started, run.results().to_json()
 
 
 def main() -> None:

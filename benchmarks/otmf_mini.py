@@ -36,7 +36,7 @@ def run(config: RunConfig, evaluator: Evaluator, cache: Path) -> tuple[float, di
     continual.references  # noqa: B018 (cached after the warm-up; counted for honesty)
     for _ in continual.steps():
         pass
-    return time.perf_counter() - started, continual.results()
+    return time.perf_counter() - started, continual.results().to_json()
 
 
 def tensor_peaks(config: RunConfig, evaluator: Evaluator, cache: Path) -> list[int]:

@@ -13,6 +13,7 @@ from .errors import MergingError, OptionError
 from .evaluation import DEFAULT_SAMPLES
 from .methods import METHODS, get_method
 from .outputs import check_outputs, write_or_rescue
+from .results import RunResults
 from .runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
 from .sources import check_no_duplicates, locate
 
@@ -246,9 +247,11 @@ def run_command(prepared: tuple[RunConfig, Path]) -> int:
         for report in run.steps():
             parts = [f"step {report.step}/{report.total} +{report.task}"]
             for name, step in report.methods.items():
-                bwt = "" if step.bwt is None else f" BWT {100 * step.bwt:+.1f}"
+                so_far = run.results(references=False).methods[name]
+                bwt = "" if so_far.bwt is None else f" BWT {100 * so_far.bwt:+.1f}"
                 parts.append(
-                    f"{name}: ACC {100 * step.acc:.1f}{bwt} ({step.merge_seconds:.2f}+{step.eval_seconds:.2f} s)"
+                    f"{name}: ACC {100 * (so_far.acc or 0.0):.1f}{bwt} "
+                    f"({step.merge_seconds:.2f}+{step.eval_seconds:.2f} s)"
                 )
             print("  ".join(parts), flush=True)
     except (MergingError, KeyboardInterrupt) as exc:
@@ -263,19 +266,21 @@ def run_command(prepared: tuple[RunConfig, Path]) -> int:
     return 0
 
 
-def final_table(results: dict[str, Any], references: dict[str, dict[str, float]]) -> str:
+def final_table(results: RunResults, references: dict[str, dict[str, float]]) -> str:
     def mean(values) -> float:
         values = list(values)
         return 100 * sum(values) / len(values)
 
-    tasks = results["tasks"]
+    tasks = results.tasks
     lines = [f"{'':<18}{'ACC':>7}{'BWT':>7}"]
     lines.append(f"{'pretrained':<18}{mean(references['pretrained'][t] for t in tasks):7.1f}{'':>7}")
     lines.append(f"{'fine-tuned':<18}{mean(references['finetuned'][t] for t in tasks):7.1f}{'':>7}")
-    for name, data in results["methods"].items():
-        bwt = "" if data["bwt"] is None else f"{100 * data['bwt']:7.1f}"
-        lines.append(f"{name:<18}{100 * data['acc']:7.1f}{bwt}")
-        if "acc_zeroshot_head" in data:  # tuned heads: also the same encoders with zero-shot heads
-            bwt = "" if data["bwt_zeroshot_head"] is None else f"{100 * data['bwt_zeroshot_head']:7.1f}"
-            lines.append(f"{'  zero-shot heads':<18}{100 * data['acc_zeroshot_head']:7.1f}{bwt}")
+    for name, data in results.methods.items():
+        if not data.steps:
+            continue
+        bwt = "" if data.bwt is None else f"{100 * data.bwt:7.1f}"
+        lines.append(f"{name:<18}{100 * (data.acc or 0.0):7.1f}{bwt}")
+        if data.has_zeroshot_heads:  # tuned heads: also the same encoders with zero-shot heads
+            bwt = "" if data.bwt_zeroshot_head is None else f"{100 * data.bwt_zeroshot_head:7.1f}"
+            lines.append(f"{'  zero-shot heads':<18}{100 * (data.acc_zeroshot_head or 0.0):7.1f}{bwt}")
     return "\n".join(lines)

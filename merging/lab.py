@@ -19,7 +19,8 @@ from typing import Any
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES
 from .hosting import SourcePolicy
-from .methods import METHODS
+from .methods import DEFAULT_METHOD, METHODS
+from .results import RunResults
 from .runner import CheckpointSpec, ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
 from .sources import locate, portable
 
@@ -96,7 +97,7 @@ class LabRequest:
 
     backbone: str = "mini"
     checkpoints: str = ""
-    methods: list[str] = field(default_factory=lambda: ["opcm"])
+    methods: list[str] = field(default_factory=lambda: [DEFAULT_METHOD])
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: int | None = DEFAULT_SAMPLES
     eval: str = "seen"
@@ -134,7 +135,7 @@ class LabRequest:
 class LabUpdate:
     """The state of a run after ``completed`` of ``total`` steps."""
 
-    results: dict[str, Any]
+    results: RunResults
     completed: int
     total: int
     status: str
@@ -171,7 +172,7 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
     run = ContinualRun(config)
     total = len(config.checkpoints)
     yield LabUpdate(
-        run.results(references=False),
+        run.results(references=False).snapshot(),
         0,
         total,
         "Checkpoints found; evaluating the pretrained and fine-tuned models…",
@@ -180,31 +181,35 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
     run.references  # noqa: B018 (before the first step, so the reference lines show at once)
     warning = "".join(f"\n\n⚠ {w}" for w in run.warnings)
     yield LabUpdate(
-        run.results(), 0, total, f"Reference rows ready ({time.perf_counter() - started:.1f} s); merging…{warning}", []
+        run.results().snapshot(),
+        0,
+        total,
+        f"Reference rows ready ({time.perf_counter() - started:.1f} s); merging…{warning}",
+        [],
     )
     encoder_bytes = sum(t.numel() * 4 for t in run.backbone.model.visual.state_dict().values())
     for report in run.steps():
         small = encoder_bytes <= SMALL_ENCODER_BYTES
         files = write_downloads(run, folder, encoders=small or report.step == report.total, fmt=fmt)
+        results = run.results()
         parts = [
-            f"{name} ACC {100 * s.acc:.1f}% ({s.merge_seconds:.2f} s merge + {s.eval_seconds:.2f} s eval)"
+            f"{name} ACC {100 * (results.methods[name].acc or 0.0):.1f}% "
+            f"({s.merge_seconds:.2f} s merge + {s.eval_seconds:.2f} s eval)"
             for name, s in report.methods.items()
         ]
         status = f"Step {report.step}/{report.total} (+{report.task}): " + "; ".join(parts)
         if report.step == report.total:
             status += f". Done in {time.perf_counter() - started:.1f} s."
         status += warning
-        results = run.results()
-        results["downloads"] = str(folder)
-        yield LabUpdate(results, report.step, report.total, status, files)
+        yield LabUpdate(results.snapshot(downloads=str(folder)), report.step, report.total, status, files)
 
 
-def stopped_status(results: Mapping[str, Any] | None) -> str:
+def stopped_status(results: RunResults | None) -> str:
     """What the status says after Stop: how far the run got, and that nothing computed is lost."""
-    if not results or not results.get("methods"):
+    if results is None or not results.methods:
         return "Stopped before the first step; nothing was computed yet."
-    done = int(results.get("completed_steps", 0))
-    total = len(results.get("tasks", [])) or done
+    done = results.completed_steps
+    total = len(results.tasks) or done
     if done == 0:
         return f"Stopped before the first of {total} steps; the reference rows are shown."
     return (
@@ -222,7 +227,7 @@ def warm_up(config: RunConfig) -> None:
     ContinualRun(config).references  # noqa: B018
 
 
-def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
+def analysis_figures(results: RunResults, layer: str | None = None):
     """Cosine similarities of the run's task vectors and merged deltas, and spectra of ``layer``.
 
     Checkpoints are read lazily, one parameter at a time; the merged encoders come from the
@@ -232,17 +237,17 @@ def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
     from .backbones import load_backbone
     from .checkpoints import open_encoder
 
-    config = results["config"]
-    completed = max((len(m["accuracy"]) for m in results["methods"].values()), default=0)
+    config = results.config
+    completed = results.completed_steps
     if completed == 0:
         raise MergingError("no step has completed yet")
     base = load_backbone(config["backbone"]).visual_state()
     models = [open_encoder(locate(c["source"])) for c in config["checkpoints"][:completed]]
-    names = [f"τ {task}" for task in results["tasks"][:completed]]
-    folder = Path(results.get("downloads", ""))
-    for method in results["methods"]:
+    names = [f"τ {task}" for task in results.tasks[:completed]]
+    folder = Path(results.downloads or "")
+    for method in results.methods:
         path = folder / f"merged-{method}.safetensors"
-        if results.get("downloads") and path.is_file():
+        if results.downloads and path.is_file():
             models.append(open_encoder(path))
             names.append(f"merged {method}")
     similarity = cosine_similarity_matrix(models, base)
@@ -255,8 +260,13 @@ def analysis_figures(results: Mapping[str, Any], layer: str | None = None):
         }
     except (KeyError, ValueError) as exc:
         raise MergingError(f"no matrix {layer!r} in the encoder ({exc})") from None
-    alpha = results["methods"].get("opcm", {}).get("options", {}).get("alpha")
-    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, alpha)
+    marks = {
+        label: level
+        for name, method in results.methods.items()
+        if name in METHODS
+        for label, level in METHODS[name].spectrum_marks(method.options).items()
+    }
+    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, marks)
 
 
 def _hub_repo(repo_id: str, token: str) -> str:

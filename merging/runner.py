@@ -32,8 +32,8 @@ from .disk_cache import DiskCache
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES, Evaluator
 from .image_set import ImageSet
-from .methods import METHODS, ContinualMerger, MergeContext, create_merger
-from .metrics import acc, bwt
+from .methods import DEFAULT_METHOD, METHODS, ContinualMerger, MergeContext, create_merger
+from .results import MethodResults, RunResults, StepRecord
 from .sources import WEIGHT_SUFFIXES, check_no_duplicates, check_source_text, is_task_label, locate, portable
 from .tasks import Task, TaskRegistry, registry
 from .threads import apply_share, run_slot
@@ -55,7 +55,7 @@ class RunConfig:
 
     backbone: str = "mini"
     checkpoints: list[CheckpointSpec] = field(default_factory=list)
-    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"opcm": {}})
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {DEFAULT_METHOD: {}})
     samples: int | None = DEFAULT_SAMPLES
     eval: EvalMode = "seen"
     device: str = "auto"
@@ -191,28 +191,12 @@ def label_warnings(checkpoints: Sequence[CheckpointSpec], references: Mapping[st
 
 
 @dataclass
-class MethodStep:
-    """One method's state of knowledge after one step."""
-
-    accuracy: dict[str, float]
-    acc: float
-    bwt: float | None
-    merge_seconds: float
-    eval_seconds: float
-    peak_memory_bytes: int | None  # the process's (or GPU's) peak during the merge
-    memory_increase_bytes: int | None  # that peak minus what was in use when the merge began
-    diagnostics: dict[str, Any]
-    # with tuned heads (OTMF head_tuning=on): the same tasks measured with their zero-shot heads
-    accuracy_zeroshot_head: dict[str, float] | None = None
-
-
-@dataclass
 class StepReport:
     step: int
     total: int
     task: str
     source: str
-    methods: dict[str, MethodStep]
+    methods: dict[str, StepRecord]
 
 
 class ContinualRun:
@@ -251,6 +235,14 @@ class ContinualRun:
             if any(m.requires_data for m in self.mergers.values()):
                 self._check_train_split(task, spec)
         self.reports: list[StepReport] = []
+        self.record = RunResults(
+            config=config.to_json(),
+            tasks=[t.name for t in self.tasks],
+            methods={
+                name: MethodResults(name, merger.config, [t.name for t in self.tasks])
+                for name, merger in self.mergers.items()
+            },
+        )
         self._references: dict[str, dict[str, float]] | None = None
         self.warnings: list[str] = []
 
@@ -374,11 +366,8 @@ class ContinualRun:
                 if merger.tunes_heads:
                     zeroshot_head = {t.name: self.evaluator.accuracy(t) for t in evaluated}
                 finished = time.perf_counter()
-                matrix = self._matrix(name, accuracy, index)
-                methods[name] = MethodStep(
+                record = StepRecord(
                     accuracy=accuracy,
-                    acc=acc(matrix),
-                    bwt=bwt(matrix),
                     merge_seconds=merged_at - started,
                     eval_seconds=finished - merged_at,
                     peak_memory_bytes=peak,
@@ -386,17 +375,11 @@ class ContinualRun:
                     diagnostics=result.diagnostics,
                     accuracy_zeroshot_head=zeroshot_head,
                 )
+                self.record.methods[name].steps.append(record)
+                methods[name] = record
             report = StepReport(index + 1, total, task.name, reader.source, methods)
             self.reports.append(report)
             yield report
-
-    def _matrix(
-        self, method: str, latest: dict[str, float], step: int, field: str = "accuracy"
-    ) -> list[list[float | None]]:
-        """The accuracy matrix a[i][t] over the tasks seen so far, including this step."""
-        columns = [getattr(r.methods[method], field) for r in self.reports] + [latest]
-        names = [t.name for t in self.tasks[: step + 1]]
-        return [[column.get(name) for column in columns] for name in names]
 
     def run(self) -> dict[str, Any]:
         for _ in self.steps():
@@ -405,73 +388,38 @@ class ContinualRun:
 
     # ------------------------------------------------------------ results
 
-    def results(self, references: bool = True) -> dict[str, Any]:
-        """results.json: config, tasks in order, reference rows, and per method what each step gave.
+    def results(self, references: bool = True) -> RunResults:
+        """The run's results so far: config, tasks in order, reference rows, and what each step gave.
 
         ``references=False`` leaves the reference rows out unless they are already known
         (they cost an evaluation of every checkpoint the first time).
         """
-        methods = {}
-        for name, merger in self.mergers.items():
-            steps = [r.methods[name] for r in self.reports]
-            methods[name] = {
-                "options": merger.config,
-                "accuracy": [s.accuracy for s in steps],
-                "acc": steps[-1].acc if steps else None,
-                "bwt": steps[-1].bwt if steps else None,
-                "acc_per_step": [s.acc for s in steps],
-                "bwt_per_step": [s.bwt for s in steps],
-                **self._zeroshot_head_results(name, steps),
-                "steps": [
-                    {
-                        "merge_seconds": s.merge_seconds,
-                        "eval_seconds": s.eval_seconds,
-                        "peak_memory_bytes": s.peak_memory_bytes,
-                        "memory_increase_bytes": s.memory_increase_bytes,
-                        "diagnostics": s.diagnostics,
-                    }
-                    for s in steps
-                ],
-            }
-        return {
-            "config": self.config.to_json(),
-            "tasks": [t.name for t in self.tasks],
-            "completed_steps": len(self.reports),
-            "warnings": list(self.warnings),
-            "reference": self.references if references or self._references is not None else {},
-            "methods": methods,
-        }
-
-    def _zeroshot_head_results(self, method: str, steps: list[MethodStep]) -> dict[str, Any]:
-        """With tuned heads: the same matrix, ACC and BWT measured with the zero-shot heads."""
-        if not steps or steps[0].accuracy_zeroshot_head is None:
-            return {}
-        columns = [s.accuracy_zeroshot_head or {} for s in steps]
-        names = [t.name for t in self.tasks[: len(steps)]]
-        matrix = [[column.get(name) for column in columns] for name in names]
-        return {
-            "accuracy_zeroshot_head": columns,
-            "acc_zeroshot_head": acc(matrix),
-            "bwt_zeroshot_head": bwt(matrix),
-        }
+        self.record.reference = self.references if references or self._references is not None else {}
+        self.record.warnings = list(self.warnings)
+        return self.record
 
     def save(self, path: str | Path) -> list[Path]:
         """Write results.json and, beside it, one CSV accuracy matrix per method."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        results = self.results()
-        path.write_text(json.dumps(results, indent=1) + "\n")
-        written = [path]
-        names = results["tasks"]
-        for method, data in results["methods"].items():
-            csv_path = path.with_name(f"{path.stem}.{method}.csv")
-            with csv_path.open("w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["task"] + [f"step {i + 1}" for i in range(len(data["accuracy"]))])
-                for name in names:
-                    writer.writerow([name] + ["" if name not in c else f"{c[name]:.4f}" for c in data["accuracy"]])
-            written.append(csv_path)
-        return written
+        return save_results(self.results(), path)
+
+
+def save_results(results: RunResults, path: str | Path) -> list[Path]:
+    """results.json and, beside it, one CSV accuracy matrix per method (tasks × steps)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results.to_json(), indent=1) + "\n")
+    written = [path]
+    for method, data in results.methods.items():
+        csv_path = path.with_name(f"{path.stem}.{method}.csv")
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["task"] + [f"step {i + 1}" for i in range(len(data.steps))])
+            for name in results.tasks:
+                writer.writerow(
+                    [name] + ["" if name not in s.accuracy else f"{s.accuracy[name]:.4f}" for s in data.steps]
+                )
+        written.append(csv_path)
+    return written
 
 
 class _BackboneEncoder:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
 import pytest
 
 import app
+from app import RunView
 from merging import lab
 from merging.checkpoints import load_encoder
 from merging.methods import METHODS
@@ -118,23 +120,29 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     updates = list(run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
     # two updates before the first step (checkpoints found; reference rows ready), then one per step
     assert len(updates) == 2 + 8 and [u[0].startswith("Step ") for u in updates] == [False] * 2 + [True] * 8
-    status, heatmap, lines, curves, table, files, results, _, opcm, otmf = updates[-1]
-    assert opcm is not None and otmf is None  # live internals of the methods that ran
+    status, heatmap, lines, curves, table, files, results, _, internals = updates[-1]
+    assert [f.name for f in fields(RunView)][6:] == ["results", "shown", "internals"]
+    # the internals of the method shown (the first), under the label that method declares
+    assert internals["value"] is not None and internals["label"] == METHODS["opcm"].figure_title
     assert status.startswith("Step 8/8") and "Done in" in status
     assert updates[1][1] is None and updates[2][1] is not None  # the matrix appears with the first step
     assert updates[0][4].empty and updates[1][4]["method"].tolist() == ["pretrained", "finetuned"]  # before step 1
     assert len(heatmap.data[0].z) == 8 and len(curves.data) == 8 and len(lines.data) >= 4
     assert table["method"].tolist() == ["pretrained", "finetuned", "opcm", "task_arithmetic"]
     assert table.loc[2, "ACC (%)"] == pytest.approx(100 * results["methods"]["opcm"]["acc"], abs=0.01)
-    direct = ContinualRun(
-        RunConfig(
-            checkpoints=preset_checkpoints("mini-8"),
-            methods={"opcm": {}, "task_arithmetic": {}},
-            samples=SAMPLES,
-            device="cpu",
-            preset="mini-8",
+    direct = (
+        ContinualRun(
+            RunConfig(
+                checkpoints=preset_checkpoints("mini-8"),
+                methods={"opcm": {}, "task_arithmetic": {}},
+                samples=SAMPLES,
+                device="cpu",
+                preset="mini-8",
+            )
         )
-    ).run()
+        .run()
+        .to_json()
+    )
     for name in ("opcm", "task_arithmetic"):
         assert results["methods"][name]["accuracy"] == direct["methods"][name]["accuracy"]
     names = {Path(f).name for f in files}
@@ -214,7 +222,10 @@ def test_analysis_reads_the_run(private_cache):
         HANDLERS.analyse(None, None, "")
     three = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])
     update = list(run_lab(*lab_inputs(("opcm", "otmf"), checkpoints=three)))[-1]
-    results, opcm, otmf = update[6], update[8], update[9]
+    results, opcm = update[6], update[8]["value"]
+    otmf = HANDLERS.show_method(results, "otmf")[2]
+    assert otmf["label"] == METHODS["otmf"].figure_title
+    otmf = otmf["value"]
     cosine, spectra = HANDLERS.analyse(None, results, "")
     assert len(cosine.data[0].z) == 5  # three task vectors and two merged deltas
     assert len(spectra.data) == 2 * 5

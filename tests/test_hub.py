@@ -90,8 +90,12 @@ def test_a_run_through_hub_ids_matches_the_same_run_from_local_paths(hub):
     local_specs = preset_checkpoints("mini-8")
     local_specs = [next(s for s in local_specs if s.task == t) for t in TASKS]
     methods = {"opcm": {}, "task_arithmetic": {}}
-    remote = ContinualRun(RunConfig("hf-hub:testorg/mini-clip", hub_specs, methods, samples=64, device="cpu")).run()
-    local = ContinualRun(RunConfig("mini", local_specs, methods, samples=64, device="cpu")).run()
+    remote = (
+        ContinualRun(RunConfig("hf-hub:testorg/mini-clip", hub_specs, methods, samples=64, device="cpu"))
+        .run()
+        .to_json()
+    )
+    local = ContinualRun(RunConfig("mini", local_specs, methods, samples=64, device="cpu")).run().to_json()
     rename = {f"hub-{t}": t for t in TASKS}
     for name in methods:
         renamed = [{rename[k]: v for k, v in step.items()} for step in remote["methods"][name]["accuracy"]]

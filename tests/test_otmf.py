@@ -239,7 +239,7 @@ def test_on_the_mini_benchmark_the_loss_decreases_and_heads_are_reported(tmp_pat
     config = RunConfig(
         checkpoints=checkpoints, methods={"otmf": {"head_tuning": "on", "steps": 60}}, samples=64, device="cpu"
     )
-    results = ContinualRun(config, cache_dir=tmp_path).run()
+    results = ContinualRun(config, cache_dir=tmp_path).run().to_json()
     data = results["methods"]["otmf"]
     for step in data["steps"][1:]:
         diagnostics = step["diagnostics"]

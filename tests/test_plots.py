@@ -1,13 +1,19 @@
-"""Figures and the published reference markers, from results dicts built by hand."""
+"""Figures and the published reference markers, from results built by hand (as results.json holds them)."""
 
 from __future__ import annotations
 
 import pytest
 
 from merging import plots
+from merging.methods import METHODS
+from merging.results import RunResults
 
 
-def results(preset="TA8", backbone="ViT-B-32"):
+def results(preset="TA8", backbone="ViT-B-32") -> RunResults:
+    return RunResults.from_json(results_json(preset, backbone))
+
+
+def results_json(preset="TA8", backbone="ViT-B-32"):
     tasks = ["sun397", "stanford-cars", "resisc45"]
     accuracy = [
         {"sun397": 0.9},
@@ -34,9 +40,9 @@ def results(preset="TA8", backbone="ViT-B-32"):
 
 
 def test_published_markers_only_for_standard_presets_on_openai_backbones():
-    assert plots.published_markers(results()["config"])["opcm"] == {"ACC": 75.5, "BWT": -6.3}
-    assert plots.published_markers(results(backbone="openai/clip-vit-large-patch14")["config"])["magmax"]["ACC"] > 0
-    assert plots.published_markers(results(preset="mini-8", backbone="mini")["config"]) == {}
+    assert plots.published_markers(results().config)["opcm"] == {"ACC": 75.5, "BWT": -6.3}
+    assert plots.published_markers(results(backbone="openai/clip-vit-large-patch14").config)["magmax"]["ACC"] > 0
+    assert plots.published_markers(results(preset="mini-8", backbone="mini").config) == {}
     figure = plots.acc_bwt_figure(results())
     stars = [t for t in figure.data if t.name == "opcm (published)"]
     assert [list(t.y) for t in stars] == [[75.5], [-6.3]] and all(list(t.x) == [3] for t in stars)
@@ -56,12 +62,37 @@ def test_matrix_curves_and_table_match_the_results():
     table = plots.results_table(data)
     assert table["method"].tolist() == ["pretrained", "finetuned", "opcm"]
     assert table.loc[2, "ACC (%)"] == pytest.approx(71.67) and table.loc[2, "BWT (%)"] == pytest.approx(-17.5)
-    internals = plots.opcm_lambda_figure(data)
+    internals = plots.internals_figure(data, "opcm")
     assert [list(t.y) for t in internals.data if t.name == "√t"] == [pytest.approx([1.0, 2**0.5, 3**0.5])]
 
 
+def test_results_load_from_json_and_derive_acc_bwt_from_the_one_matrix():
+    old = results_json()  # as written before the schema version existed
+    typed = RunResults.from_json(old)
+    opcm = typed.methods["opcm"]
+    assert opcm.matrix() == [[0.9, 0.8, 0.6], [None, 0.7, 0.65], [None, None, 0.9]]
+    assert opcm.acc_per_step == pytest.approx(old["methods"]["opcm"]["acc_per_step"])
+    assert opcm.bwt_per_step[0] is None and opcm.bwt_per_step[1:] == pytest.approx([-0.1, -0.175])
+    again = typed.to_json()
+    assert again["schema_version"] == 2 and RunResults.from_json(again).to_json() == again
+    assert again["methods"]["opcm"]["accuracy"] == old["methods"]["opcm"]["accuracy"]
+    with pytest.raises(Exception, match="newer version"):
+        RunResults.from_json({**again, "schema_version": 99})
+
+
+def test_every_method_with_a_figure_draws_it_from_its_declared_diagnostics():
+    data = results()
+    for cls in METHODS.values():
+        if cls.figure_title is None:
+            assert cls.live_figure(data.methods["opcm"]) is None
+        else:  # a method that declares a figure draws one from steps that carry only common diagnostics
+            assert cls.live_figure(data.methods["opcm"]) is not None
+    assert plots.internals_figure(data, "no-such-method") is None
+
+
 def test_spectrum_figure_marks_the_alpha_cut():
-    figure = plots.spectrum_figure({"τ a": [3.0, 1.0], "merged": [2.0, 2.0]}, "layer", alpha=0.5)
+    marks = METHODS["opcm"].spectrum_marks({"alpha": 0.5})
+    figure = plots.spectrum_figure({"τ a": [3.0, 1.0], "merged": [2.0, 2.0]}, "layer", marks)
     cumulative = [list(t.y) for t in figure.data if t.showlegend is False]
     assert cumulative == [pytest.approx([0.75, 1.0]), pytest.approx([0.5, 1.0])]
     assert any(shape.y0 == 0.5 for shape in figure.layout.shapes)

@@ -46,7 +46,7 @@ def test_every_method_end_to_end(tmp_path, mini_three):
     run = ContinualRun(config_for(mini_three, methods), cache_dir=tmp_path)
     reports = list(run.steps())
     assert [r.step for r in reports] == [1, 2, 3] and [r.task for r in reports] == [c.task for c in mini_three]
-    results = run.results()
+    results = run.results().to_json()
     assert results["tasks"] == [c.task for c in mini_three] and results["completed_steps"] == 3
     assert set(results["reference"]) == {"pretrained", "finetuned"}
     for name in methods:
@@ -67,7 +67,7 @@ def test_every_method_end_to_end(tmp_path, mini_three):
 
 def test_eval_all_evaluates_unseen_tasks_too(tmp_path, mini_three):
     run = ContinualRun(config_for(mini_three, eval="all"), cache_dir=tmp_path)
-    results = run.run()
+    results = run.run().to_json()
     assert all(sorted(step) == sorted(results["tasks"]) for step in results["methods"]["opcm"]["accuracy"])
     matrix = matrix_of(results, "opcm")
     assert results["methods"]["opcm"]["acc_per_step"][0] == pytest.approx(matrix[0][0])
@@ -78,7 +78,7 @@ def test_stopping_keeps_completed_steps(tmp_path, mini_three):
     for report in run.steps():
         if report.step == 2:
             break
-    results = run.results()
+    results = run.results().to_json()
     assert results["completed_steps"] == 2 and len(results["methods"]["opcm"]["accuracy"]) == 2
     written = run.save(tmp_path / "partial.json")
     assert json.loads(written[0].read_text())["completed_steps"] == 2
@@ -94,7 +94,10 @@ def test_second_run_reuses_caches(tmp_path, mini_three):
     second.run()
     assert evaluator.images.decoded == 0
     assert second.references == first.references
-    assert second.results()["methods"]["opcm"]["accuracy"] == first.results()["methods"]["opcm"]["accuracy"]
+    assert (
+        second.results().to_json()["methods"]["opcm"]["accuracy"]
+        == first.results().to_json()["methods"]["opcm"]["accuracy"]
+    )
 
 
 def test_cli_run_and_replay(tmp_path, monkeypatch, capsys, mini_three):
@@ -202,7 +205,7 @@ def test_accuracy_matrix_acc_and_bwt_by_hand(tmp_path, mini_three):
         {a: 0.6, b: 0.65, c: 0.9},  # after step 3
     ]
     run = ContinualRun(config_for(mini_three), evaluator=ScriptedEvaluator(script), cache_dir=tmp_path)
-    results = run.run()
+    results = run.run().to_json()
     data = results["methods"]["opcm"]
     assert results["reference"] == {"pretrained": script[0], "finetuned": {a: 0.95, b: 0.9, c: 0.99}}
     assert data["accuracy"] == script[4:]

@@ -51,7 +51,7 @@ def over_orders(seeds=ORDER_SEEDS, methods=ORDER_METHODS) -> dict[str, dict[str,
             device="cpu",
             order_seed=seed,
         )
-        results = ContinualRun(config, evaluator=evaluator).run()
+        results = ContinualRun(config, evaluator=evaluator).run().to_json()
         for m in methods:
             values[m]["acc"].append(100 * results["methods"][m]["acc"])
             values[m]["bwt"].append(100 * results["methods"][m]["bwt"])
@@ -76,7 +76,7 @@ def write_report(out: Path, build: dict) -> dict:
         checkpoints=preset_checkpoints("mini-8"), methods={m: {} for m in METHODS}, device="cpu", preset="mini-8"
     )
     run = ContinualRun(config)
-    results = run.run()
+    results = run.run().to_json()
     seconds = time.perf_counter() - started
     tasks = results["tasks"]
     pretrained = float(100 * np.mean([results["reference"]["pretrained"][t] for t in tasks]))
