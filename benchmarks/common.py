@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from merging.architecture import VisionArch
-from merging.parameters import is_matrix
+from merging.families.clip_vit.architecture import VisionArch
+from merging.families.clip_vit.matrices import is_matrix
 
 VIT_B_32 = VisionArch(width=768, layers=12, heads=12, mlp_width=3072, patch_size=32, image_size=224, output_dim=512)
 

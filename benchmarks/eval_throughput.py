@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import VIT_B_32, random_vit
 from merging.backbones import Backbone, Preprocess
-from merging.checkpoints import open_encoder, save_encoder
+from merging.checkpoints import open_encoder
 from merging.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
 from merging.evaluation import Evaluator
+from merging.families.clip_vit.saving import save_encoder
 from merging.tasks import DatasetRef, Task
 
 

@@ -43,9 +43,10 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import VIT_B_32, mib, random_vit, realistic_task_vector, run_worker
-from merging.checkpoints import load_encoder, save_encoder
+from merging.checkpoints import load_encoder
 from merging.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
-from merging.parameters import matrix_views
+from merging.families.clip_vit.matrices import matrix_views
+from merging.families.clip_vit.saving import save_encoder
 from merging.state_dict import distance
 
 SPEED_TARGET = 4.0

@@ -1,4 +1,4 @@
-"""Continual merging of CLIP image encoders: checkpoints, task vectors, methods, metrics.
+"""Continual merging of CLIP image encoders: checkpoints, model families, methods, metrics.
 
 The same library drives the Gradio app (``app.py``), the command line
 (``python -m merging``) and the tests.
@@ -28,12 +28,16 @@ _EXPORTS = {
     "check_compatible": "checkpoints",
     "load_encoder": "checkpoints",
     "open_encoder": "checkpoints",
-    "save_encoder": "checkpoints",
-    "Layout": "layouts",
-    "detect_layout": "layouts",
-    "to_canonical": "layouts",
-    "to_hf": "layouts",
-    "to_open_clip": "layouts",
+    "FAMILIES": "families",
+    "ModelFamily": "families",
+    "family_of": "families",
+    "get_family": "families",
+    "save_encoder": "families.clip_vit.saving",
+    "Layout": "families.clip_vit.layouts",
+    "detect_layout": "families.clip_vit.layouts",
+    "to_canonical": "families.clip_vit.layouts",
+    "to_hf": "families.clip_vit.layouts",
+    "to_open_clip": "families.clip_vit.layouts",
 }
 
 __all__ = sorted(_EXPORTS)

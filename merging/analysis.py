@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .parameters import get_matrix
+from .families.clip_vit.matrices import get_matrix
 
 
 def cosine_similarity_matrix(

@@ -1,4 +1,4 @@
-"""Reading and writing CLIP image-encoder checkpoints, safely.
+"""Reading checkpoints safely, whatever their model family.
 
 Sources are local files or directories (Hub ids are resolved to such paths before they
 get here). safetensors files are read lazily through memory maps, one tensor at a time,
@@ -6,6 +6,9 @@ so a checkpoint can be recognised and checked against the pretrained encoder fro
 header before any weight is read. Pickle files (``.bin``, ``.pt``, ...) can run code when
 unpickled: they are read only when the caller opts in, and then with
 ``torch.load(weights_only=True)``.
+
+What a checkpoint *is* (its family, layout and architecture) is decided by
+:mod:`merging.families` from the tensor names; this module only reads files.
 """
 
 from __future__ import annotations
@@ -15,24 +18,21 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .architecture import VisionArch
 from .errors import CheckpointError
-from .layouts import Layout, Recipe, canonical_recipes, detect_layout, to_hf, to_open_clip
+
+if TYPE_CHECKING:
+    from .families import Layout, Model, ModelFamily, Recipe
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HF_CONFIG = "config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-# Parameters a fine-tuned checkpoint may lack: a transformers CLIPVisionModel has no
-# output projection, which FusionBench keeps frozen at the pretrained value.
-OPTIONAL_IN_FINETUNED = frozenset({"proj"})
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -188,17 +188,18 @@ def _load_pickle(file: Path, source: str, allow_pickle: bool) -> dict[str, Tenso
 
 @dataclass
 class EncoderReader(Mapping[str, Tensor]):
-    """A checkpoint's image encoder under canonical keys, read tensor by tensor on access.
+    """A checkpoint's model under its family's canonical keys, read tensor by tensor on access.
 
     Indexing reads (and for Hugging Face files converts) one tensor; :meth:`load`
     materialises all of them and checks they are finite.
     """
 
     source: str
+    family: ModelFamily
     layout: Layout
     files: TensorFiles
     recipes: dict[str, Recipe]
-    arch: VisionArch
+    arch: Any
     config: dict[str, Any] | None = None
     _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
@@ -232,7 +233,7 @@ class EncoderReader(Mapping[str, Tensor]):
         return not self.files.resolved.is_pickle
 
     def describe(self) -> str:
-        return f"{self.source}: {self.layout.description}, {self.arch.layers} blocks of width {self.arch.width}"
+        return f"{self.source}: {self.layout.description}, {self.arch.summary}"
 
     def load(self) -> dict[str, Tensor]:
         """All tensors under canonical keys; raises naming the first parameter with NaN or Inf."""
@@ -247,104 +248,44 @@ class EncoderReader(Mapping[str, Tensor]):
 
 
 def open_encoder(source: str | Path, allow_pickle: bool = False) -> EncoderReader:
-    """Recognise a checkpoint's layout and architecture from its header; read no weights yet.
+    """Recognise a checkpoint's family, layout and architecture from its header; read no weights yet.
 
     ``source`` is a local file or folder, or a Hub repository id (``org/name[@revision]``,
     optionally ``hf-hub:``-prefixed), of which only the configs and weights are fetched.
+    A checkpoint that no model family recognises raises, naming it.
     """
     from dataclasses import replace
 
+    from .families import recognise
     from .hub import model_folder
 
     folder = model_folder(str(source), allow_pickle)
     resolved = resolve_source(source) if folder is None else replace(resolve_source(folder), source=str(source))
     files = TensorFiles(resolved, allow_pickle=allow_pickle)
-    layout = detect_layout(files.keys())
-    recipes = canonical_recipes(layout, files.keys())
+    family, layout = recognise(files.keys(), str(source))
+    recipes = family.recipes(layout, files.keys())
     shapes = {k: r.shape(files.shape) for k, r in recipes.items()}
-    hints: dict[str, Any] = {}
-    if resolved.config_kind == "hf":
-        hints = VisionArch.hints_from_hf_config(resolved.config or {})
-    elif resolved.config_kind == "open_clip":
-        hints = VisionArch.hints_from_open_clip_config(resolved.config or {})
-    if "proj" in shapes:
-        hints["output_dim"] = shapes["proj"][1]
-    arch = VisionArch.from_shapes(shapes, **hints)
-    return EncoderReader(str(source), layout, files, recipes, arch, resolved.config, shapes)
+    arch = family.architecture(shapes, resolved)
+    return EncoderReader(str(source), family, layout, files, recipes, arch, resolved.config, shapes)
 
 
 def load_encoder(source: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """Open and fully read a checkpoint's image encoder under canonical keys."""
+    """Open and fully read a checkpoint's model under canonical keys."""
     return open_encoder(source, allow_pickle).load()
 
 
-def check_compatible(pretrained: EncoderReader, finetuned: EncoderReader) -> None:
-    """Raise unless ``finetuned`` has the pretrained encoder's parameters with the same shapes.
+def check_compatible(pretrained: Model, finetuned: EncoderReader) -> None:
+    """Raise unless ``finetuned`` is of the pretrained model's family and fits it parameter by parameter.
 
-    A fine-tuned checkpoint may lack only the output projection (a CLIPVisionModel has
-    none); the message names the first offending parameter and both shapes, and when the
-    two are different architectures it also says how they differ.
+    ``pretrained`` is an opened checkpoint or anything with the same view (a loaded
+    backbone's image tower); the family's check names the first offending parameter.
     """
-    how = _architecture_difference(pretrained.arch, finetuned.arch)
-    suffix = f" ({how})" if how else ""
-    for key in finetuned:
-        if key not in pretrained:
-            raise CheckpointError(f"{finetuned.source} has parameter {key}, which the pretrained encoder lacks{suffix}")
-    for key in pretrained:
-        if key not in finetuned:
-            if key in OPTIONAL_IN_FINETUNED:
-                continue
-            raise CheckpointError(f"{finetuned.source} lacks parameter {key} of the pretrained encoder{suffix}")
-        if pretrained.shape(key) != finetuned.shape(key):
-            raise CheckpointError(
-                f"shape mismatch at {key}: pretrained {pretrained.shape(key)} vs "
-                f"{finetuned.source} {finetuned.shape(key)}{suffix}"
-            )
+    from .families import family_of
 
-
-def _architecture_difference(a: VisionArch, b: VisionArch) -> str:
-    fields = (("width", "width"), ("layers", "blocks"), ("patch_size", "patch size"), ("image_size", "image size"))
-    diffs = [
-        f"{label} {getattr(b, name)} vs {getattr(a, name)}"
-        for name, label in fields
-        if getattr(a, name) != getattr(b, name)
-    ]
-    return "a different architecture: " + ", ".join(diffs) + " in the pretrained encoder" if diffs else ""
-
-
-def save_encoder(
-    state: Mapping[str, Tensor],
-    out: str | Path,
-    fmt: Literal["hf", "open_clip"],
-    arch: VisionArch,
-    include_projection: bool = True,
-    dtype: torch.dtype | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> list[Path]:
-    """Write an encoder (canonical keys) as safetensors in the Hugging Face or open_clip layout.
-
-    ``out`` is a ``.safetensors`` file, or for ``hf`` a directory that receives
-    ``model.safetensors`` and a ``config.json``, so ``CLIPVisionModel.from_pretrained(out)``
-    loads it directly. Returns the files written.
-    """
-    out = Path(out)
-    directory = out.suffix != SAFETENSORS_SUFFIX
-    if directory and fmt != "hf":
-        raise CheckpointError(f"--out {out}: the open_clip format is written to a .safetensors file")
-    tensors = to_hf(state, include_projection) if fmt == "hf" else to_open_clip(state)
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-        for k, v in tensors.items()
-    }
-    meta = {"format": "pt", "merging.layout": Layout.HF_CLIP_VISION.value if fmt == "hf" else Layout.OPEN_CLIP.value}
-    meta.update(metadata or {})
-    weights = out / "model.safetensors" if directory else out
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(weights), metadata=meta)
-    written = [weights]
-    if directory:
-        config = arch.hf_config()
-        config["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
-        (out / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        written.append(out / HF_CONFIG)
-    return written
+    family = getattr(pretrained, "family", None) or family_of(list(pretrained), pretrained.source)
+    if finetuned.family is not family:
+        raise CheckpointError(
+            f"{finetuned.source} is {finetuned.family.kind}, but the pretrained model {pretrained.source} is "
+            f"{family.kind}"
+        )
+    family.check_compatible(pretrained, finetuned)

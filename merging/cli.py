@@ -55,6 +55,7 @@ def top_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     from .cli_run import add_run_parser
     from .devices import DEVICE_CHOICES
+    from .families import output_formats
     from .merge import DTYPES
     from .methods import METHODS
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser(
         "merge",
         help=COMMANDS["merge"],
-        description="Merge fine-tuned CLIP image encoders continually (in the order given) and write the result.",
+        description="Merge fine-tuned CLIP image encoders (or any supported model family, such as an MLP of "
+        "nn.Linear layers) continually, in the order given, and write the result.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods and their options (defaults):\n" + _methods_help(),
     )
@@ -93,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument(
         "--format",
-        choices=("hf", "open_clip"),
+        choices=output_formats(),
         default=None,
-        help="output layout; default: the layout of the fine-tuned checkpoints",
+        help="output layout: hf or open_clip for CLIP ViT encoders, safetensors for an MLP; default: the "
+        "layout of the fine-tuned checkpoints",
     )
     merge.add_argument(
         "--opt",
@@ -147,7 +150,8 @@ def _format_step(step, method: str) -> str:
 
 
 def merge_outputs(out: str) -> list[Path]:
-    """The files ``merge --out`` will write (a directory receives the weights and a config)."""
+    """The files ``merge --out`` may write, before the checkpoints say which model family they are:
+    a ``.safetensors`` file, or a folder that receives the weights and a config."""
     path = Path(out)
     if path.suffix == ".safetensors":
         return [path]
@@ -155,7 +159,8 @@ def merge_outputs(out: str) -> list[Path]:
 
 
 def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
-    """Every check that needs no weights: options, sources, duplicates, the output; then open the inputs."""
+    """Every check before any work: options, sources, duplicates, the output; then open and
+    validate the inputs, and check that their family can write ``--out`` in ``--format``."""
     from .cli_run import method_options
     from .merge import ContinualMerge
 
@@ -165,10 +170,8 @@ def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
     sources = [check_source_text(c) for c in args.checkpoint]
     pretrained = check_source_text(args.pretrained)
     check_no_duplicates(sources, args.allow_duplicates)
-    if Path(args.out).suffix != ".safetensors" and args.format == "open_clip":
-        raise MergingError(f"--out {args.out}: the open_clip format is written to a .safetensors file")
     check_outputs(merge_outputs(args.out), [pretrained, *sources])
-    return ContinualMerge(
+    job = ContinualMerge(
         method=args.method,
         pretrained=pretrained,
         checkpoints=sources,
@@ -177,6 +180,9 @@ def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
         allow_pickle=args.allow_pickle,
         allow_duplicates=args.allow_duplicates,
     )
+    job.prepare()
+    job.output_files(args.out, args.format)
+    return job
 
 
 def run_merge(args: argparse.Namespace) -> int:

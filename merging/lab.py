@@ -148,7 +148,7 @@ SMALL_ENCODER_BYTES = 64 * 2**20  # below this the merged encoders are saved aft
 def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = "hf") -> list[Path]:
     """results.json, a CSV accuracy matrix per method, the replayable config.json and, when
     ``encoders``, each method's current merged encoder as safetensors in layout ``fmt``."""
-    from .checkpoints import save_encoder
+    from .families.clip_vit.saving import save_encoder
 
     folder.mkdir(parents=True, exist_ok=True)
     written = run.save(folder / "results.json")

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from merging.architecture import VisionArch
-from merging.layouts import to_hf, to_open_clip
-from merging.parameters import is_matrix
+from merging.families.clip_vit.architecture import VisionArch
+from merging.families.clip_vit.layouts import to_hf, to_open_clip
+from merging.families.clip_vit.matrices import is_matrix
 
 TINY = VisionArch(width=32, layers=2, heads=2, mlp_width=64, patch_size=8, image_size=16, output_dim=16)
 

@@ -6,7 +6,7 @@ import torch
 
 from merging.analysis import cosine_similarity_matrix, cumulative_share, singular_values
 from merging.checkpoints import open_encoder
-from merging.parameters import get_matrix, matrix_labels
+from merging.families.clip_vit.matrices import get_matrix, matrix_labels
 
 from .encoders import TINY, finetuned, random_encoder, write_hf
 

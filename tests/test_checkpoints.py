@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from merging.checkpoints import check_compatible, open_encoder, resolve_source
 from merging.errors import CheckpointError
-from merging.layouts import Layout, to_hf
+from merging.families.clip_vit.layouts import Layout, to_hf
 from merging.merge import ContinualMerge
 
 from .encoders import TINY, VisionArch, finetuned, random_encoder, write_hf, write_open_clip
@@ -149,4 +149,4 @@ def test_fine_tuned_checkpoints_must_agree_with_each_other(tmp_path, pretrained_
     with_projection = write_open_clip(finetuned(pretrained_state, 1), tmp_path / "a.safetensors")
     without = write_hf({k: v for k, v in finetuned(pretrained_state, 2).items() if k != "proj"}, tmp_path / "b")
     with pytest.raises(CheckpointError, match="differ at parameter proj"):
-        ContinualMerge("opcm", str(base), [str(with_projection), str(without)])
+        ContinualMerge("opcm", str(base), [str(with_projection), str(without)]).prepare()

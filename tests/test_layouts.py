@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 
-from merging.architecture import VisionArch
-from merging.checkpoints import open_encoder, save_encoder
+from merging.checkpoints import open_encoder
 from merging.errors import CheckpointError
-from merging.layouts import Layout, detect_layout, to_canonical, to_hf, to_open_clip
+from merging.families.clip_vit.architecture import VisionArch
+from merging.families.clip_vit.layouts import Layout, detect_layout, to_canonical, to_hf, to_open_clip
+from merging.families.clip_vit.saving import save_encoder
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from merging.families.clip_vit.matrices import matrix_labels, matrix_views
 from merging.methods import create_merger
 from merging.methods.opcm import project_task_matrix, split_rank
-from merging.parameters import matrix_labels, matrix_views
 from merging.state_dict import distance
 
 from .encoders import TINY, VisionArch, finetuned, random_encoder, task_vector

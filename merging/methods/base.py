@@ -28,6 +28,7 @@ from ..state_dict import StateDict, distance
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
 
+    from ..families import ModelFamily
     from ..results import MethodResults
 
 _TRUE = ("true", "1", "yes", "on")
@@ -191,6 +192,10 @@ class ContinualMerger(ABC):
     # The label of the method's live "internals" figure (see live_figure), if it draws one.
     figure_title: ClassVar[str | None] = None
 
+    # Methods that treat matrix parameters apart from the others (OPCM projects them) find
+    # them through the model family, which start() then requires.
+    uses_matrices: ClassVar[bool] = False
+
     def __init__(self, **options: Any):
         self.config = self.parse_options(options)
         self.device = torch.device("cpu")
@@ -199,6 +204,7 @@ class ContinualMerger(ABC):
         self.merge_keys: list[str] = []
         self.step_count = 0
         self.context: MergeContext | None = None
+        self.family: ModelFamily | None = None
 
     def attach(self, context: MergeContext) -> None:
         """Give the merger access to the backbone's image tower and the tasks' images."""
@@ -251,8 +257,20 @@ class ContinualMerger(ABC):
                 raise OptionError(f"unknown option {name!r} for {cls.name}; valid options: {valid}")
         return {n: (o.parse(cls.name, options[n]) if n in options else o.default) for n, o in known.items()}
 
-    def start(self, pretrained: Mapping[str, Tensor], device: torch.device | str = "cpu") -> None:
-        """Take the pretrained encoder θ0 (copied to float32 on ``device``)."""
+    def start(
+        self, pretrained: Mapping[str, Tensor], device: torch.device | str = "cpu", family: ModelFamily | None = None
+    ) -> None:
+        """Take the pretrained encoder θ0 (copied to float32 on ``device``) and its model family.
+
+        The family tells which parameters are matrices. A method that treats matrices apart
+        (:attr:`uses_matrices`) given none recognises it from θ0's keys, and keys no family
+        recognises raise rather than merge with no matrix found; element-wise methods need none.
+        """
+        if family is None and self.uses_matrices:
+            from ..families import family_of
+
+            family = family_of(pretrained.keys(), "the pretrained encoder")
+        self.family = family
         self.device = torch.device(device)
         self.pretrained = {k: v.to(self.device, torch.float32, copy=True) for k, v in pretrained.items()}
         self.merged = {}

@@ -27,8 +27,8 @@ class MagMax(ContinualMerger):
         Option("scaling", 0.5, "λ applied to the max-magnitude vector", minimum=0.0, exclusive_minimum=True),
     )
 
-    def start(self, pretrained, device="cpu") -> None:
-        super().start(pretrained, device)
+    def start(self, pretrained, device="cpu", family=None) -> None:
+        super().start(pretrained, device, family)
         self.running: StateDict = {}
 
     def _merge(self, step: StepInput) -> dict[str, Any]:

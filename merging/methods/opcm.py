@@ -27,7 +27,6 @@ from torch import Tensor
 
 from ..analysis import cumulative_share
 from ..parallel import map_on_threads
-from ..parameters import matrix_views
 from .base import ContinualMerger, Diagnostic, Option, StepInput
 
 if TYPE_CHECKING:
@@ -198,8 +197,10 @@ class OPCM(ContinualMerger):
         ),
     )
 
-    def start(self, pretrained, device="cpu") -> None:
-        super().start(pretrained, device)
+    uses_matrices: ClassVar[bool] = True
+
+    def start(self, pretrained, device="cpu", family=None) -> None:
+        super().start(pretrained, device, family)
         self.lambda_prev = 1.0
         self._norm_sum = 0.0
 
@@ -277,9 +278,8 @@ class OPCM(ContinualMerger):
             return _KeyUpdate(0.0, _squared_norm(merged_delta), {})
         task_delta = incoming - p0
         matrices: dict[str, dict[str, float]] = {}
-        for (label, merged_view), (_, task_view) in zip(
-            matrix_views(key, merged_delta), matrix_views(key, task_delta), strict=True
-        ):
+        views = self.family.matrix_views  # type: ignore[union-attr] (start() sets the family)
+        for (label, merged_view), (_, task_view) in zip(views(key, merged_delta), views(key, task_delta), strict=True):
             before = float(torch.linalg.vector_norm(task_view))
             _, split = project_task_matrix(
                 merged_view,

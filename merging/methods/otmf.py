@@ -132,8 +132,8 @@ class OTMF(ContinualMerger):
         Option("ot_split", "train", "split whose images (unlabelled) the OT losses use", choices=("train", "test")),
     )
 
-    def start(self, pretrained, device="cpu") -> None:
-        super().start(pretrained, device)
+    def start(self, pretrained, device="cpu", family=None) -> None:
+        super().start(pretrained, device, family)
         self.previous_task: str | None = None
         self._heads: dict[str, Tensor] = {}
 

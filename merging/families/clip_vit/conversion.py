@@ -3,9 +3,9 @@
 FusionBench's checkpoints were fine-tuned from the transformers repositories
 ``openai/clip-vit-*``; converting exactly those weights (rather than loading open_clip's
 copy of OpenAI's) makes task vectors differences against the base they came from. The
-image tower goes through :mod:`merging.layouts` (tested to 1e-5 against transformers); the
-text tower is renamed here: q/k/v packed into ``in_proj``, the projection transposed, the
-positional embedding taken from the position-embedding table. Pooling agrees: open_clip
+image tower goes through :mod:`merging.families.clip_vit.layouts` (tested to 1e-5 against
+transformers); the text tower is renamed here: q/k/v packed into ``in_proj``, the
+projection transposed, the positional embedding taken from the position-embedding table. Pooling agrees: open_clip
 takes the highest token id (the end-of-text token of CLIP's BPE), transformers the first
 end-of-text token.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import MergingError
+from ...errors import MergingError
 from .layouts import Layout, to_canonical, to_open_clip
 
 _TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-from .errors import CheckpointError
+from ...errors import CheckpointError
 
 OPENAI_HEAD_WIDTH = 64
 
@@ -125,6 +125,11 @@ class VisionArch:
         if self.output_dim is None:
             model.proj = None
         return model.eval()
+
+    @property
+    def summary(self) -> str:
+        """Depth and width, for the line that describes an opened checkpoint."""
+        return f"{self.layers} blocks of width {self.width}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,24 +11,24 @@ evaluation runs through open_clip. Checkpoints come in four layouts:
 * ``hf_clip_vision``: a transformers ``CLIPVisionModel`` (``vision_model.*``; transformers 5
   saves it without the prefix), possibly with ``visual_projection`` (``...WithProjection``).
 
-A conversion is a table of recipes: each canonical key is built from one or more source
-keys by copying, concatenating q/k/v, or transposing the projection. The same recipes
-serve eager conversion of a state dict and lazy, tensor-by-tensor reading of a file, and
-they give shapes without reading any data, so a checkpoint can be checked from its header.
+A conversion is a table of recipes (:class:`merging.families.base.Recipe`): each canonical
+key is built from one or more source keys by copying, concatenating q/k/v, or transposing
+the projection. The same recipes serve eager conversion of a state dict and lazy,
+tensor-by-tensor reading of a file, and they give shapes without reading any data, so a
+checkpoint can be checked from its header.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from ...errors import CheckpointError
+from ..base import Recipe
 
 HF_PREFIX = "vision_model."
 HF_PROJECTION = "visual_projection.weight"
@@ -44,7 +44,7 @@ class Layout(str, Enum):
     HF_CLIP_VISION = "hf_clip_vision"
 
     @property
-    def family(self) -> Literal["hf", "open_clip"]:
+    def format(self) -> Literal["hf", "open_clip"]:
         """The output format that reproduces this layout: ``hf`` or ``open_clip``."""
         return "hf" if self in (Layout.HF_CLIP, Layout.HF_CLIP_VISION) else "open_clip"
 
@@ -64,6 +64,20 @@ _DESCRIPTIONS = {
 def detect_layout(keys: Iterable[str]) -> Layout:
     """Recognise the layout from parameter names alone; raise with a sample of keys if unknown."""
     keys = set(keys)
+    layout = recognise_layout(keys)
+    if layout is None:
+        sample = ", ".join(sorted(keys)[:4]) or "no tensors at all"
+        raise CheckpointError(f"unknown checkpoint layout: not a CLIP ViT image encoder (keys: {sample}, ...)")
+    return layout
+
+
+def recognise_layout(keys: Iterable[str]) -> Layout | None:
+    """The layout of a CLIP ViT image encoder with these keys; None when they are not a CLIP's.
+
+    An open_clip model whose image tower is not a ViT is a CLIP, but not one that can be
+    merged here: it raises, saying so, rather than passing as "not a CLIP".
+    """
+    keys = set(keys)
     if f"{OPEN_CLIP_PREFIX}conv1.weight" in keys or any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
         if f"{OPEN_CLIP_PREFIX}class_embedding" not in keys:
             raise CheckpointError(
@@ -77,28 +91,7 @@ def detect_layout(keys: Iterable[str]) -> Layout:
         return Layout.HF_CLIP if any(k.startswith("text_model.") for k in keys) else Layout.HF_CLIP_VISION
     if "embeddings.patch_embedding.weight" in keys and any(k.startswith("encoder.layers.") for k in keys):
         return Layout.HF_CLIP_VISION
-    sample = ", ".join(sorted(keys)[:4]) or "no tensors at all"
-    raise CheckpointError(f"unknown checkpoint layout: not a CLIP ViT image encoder (keys: {sample}, ...)")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one canonical tensor is made from source tensors."""
-
-    sources: tuple[str, ...]
-    op: Literal["copy", "concat", "transpose"] = "copy"
-
-    def build(self, get: Callable[[str], Tensor]) -> Tensor:
-        if self.op == "concat":
-            return torch.cat([get(k) for k in self.sources], dim=0)
-        tensor = get(self.sources[0])
-        return tensor.t().contiguous() if self.op == "transpose" else tensor
-
-    def shape(self, get_shape: Callable[[str], tuple[int, ...]]) -> tuple[int, ...]:
-        shapes = [tuple(get_shape(k)) for k in self.sources]
-        if self.op == "concat":
-            return (sum(s[0] for s in shapes), *shapes[0][1:])
-        return shapes[0][::-1] if self.op == "transpose" else shapes[0]
+    return None
 
 
 # (Hugging Face name under the vision prefix, canonical name); {n} is a block index,
