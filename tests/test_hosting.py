@@ -218,6 +218,10 @@ def test_handlers_validate_whatever_a_script_sends(hosted):
 
 def test_stop_says_stopped_and_what_is_kept():
     assert "Stopped before the first step" in app.LabHandlers(hosted=False).stopped(None)
-    results = {"methods": {"opcm": {}}, "tasks": ["a", "b", "c"], "completed_steps": 2}
+    from merging.results import MethodResults, RunResults, StepRecord
+
+    tasks = ["a", "b", "c"]
+    steps = [StepRecord(dict.fromkeys(tasks[: t + 1], 0.5), 0.1, 0.1, None, None, {}) for t in range(2)]
+    results = RunResults({}, tasks, {"opcm": MethodResults("opcm", {}, tasks, steps)}).to_json()
     message = app.LabHandlers(hosted=False).stopped(results)
     assert message.startswith("Stopped after step 2 of 3") and "stay in the downloads" in message
