@@ -454,6 +454,7 @@ class LabHandlers:
                 _choice(device, DEVICE_CHOICES, "device"),
                 allow_duplicates=bool(allow_duplicates),
             )
+            job.prepare()  # every checkpoint opened and checked before the first line of the log
             log.append(f"pretrained: {job.base.describe()}")
             log.extend(f"checkpoint: {reader.describe()}" for reader in job.readers)
             yield "\n".join(log), gr.skip(), gr.skip()

@@ -280,9 +280,7 @@ def check_compatible(pretrained: Model, finetuned: EncoderReader) -> None:
     ``pretrained`` is an opened checkpoint or anything with the same view (a loaded
     backbone's image tower); the family's check names the first offending parameter.
     """
-    from .families import family_of
-
-    family = getattr(pretrained, "family", None) or family_of(list(pretrained), pretrained.source)
+    family = pretrained.family
     if finetuned.family is not family:
         raise CheckpointError(
             f"{finetuned.source} is {finetuned.family.kind}, but the pretrained model {pretrained.source} is "

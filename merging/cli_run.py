@@ -235,6 +235,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def run_command(prepared: tuple[RunConfig, Path]) -> int:
     config, out = prepared
     run = ContinualRun(config)
+    run.prepare()  # every input opened and checked before the first line of output
     print(
         f"backbone {config.backbone}; {len(config.checkpoints)} checkpoints; methods {', '.join(config.methods)}; "
         f"{config.samples or 'all'} test images per task; evaluating {config.eval} tasks",

@@ -21,7 +21,7 @@ from torch import Tensor
 from .checkpoints import EncoderReader, check_compatible, open_encoder
 from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory
 from .errors import CheckpointError
-from .families import Model, ModelFamily, family_of
+from .families import ModelFamily, family_of
 from .methods import ContinualMerger, MergeContext, StepResult
 from .sources import check_no_duplicates, locate
 
@@ -76,12 +76,13 @@ class TimedStep:
 class Experiment:
     """The pretrained model and fine-tuned checkpoints of one experiment, and the loop over them.
 
-    ``pretrained`` is a checkpoint source, or a model already loaded (:class:`StateModel`).
+    ``pretrained`` is a checkpoint source, a model already loaded (:class:`StateModel`), or
+    a function that loads one when the experiment is opened (a run's backbone).
     """
 
     def __init__(
         self,
-        pretrained: str | StateModel,
+        pretrained: str | StateModel | Callable[[], StateModel],
         checkpoints: Sequence[str],
         allow_pickle: bool = False,
         allow_duplicates: bool = False,
@@ -109,9 +110,11 @@ class Experiment:
         if not self.checkpoints:
             raise CheckpointError("no fine-tuned checkpoints given: at least one is needed")
         check_no_duplicates(self.checkpoints, self.allow_duplicates)
-        base = self.pretrained
-        if isinstance(base, str):
-            base = open_encoder(locate(base), self.allow_pickle)
+        pretrained = self.pretrained
+        if isinstance(pretrained, str):
+            base: EncoderReader | StateModel = open_encoder(locate(pretrained), self.allow_pickle)
+        else:
+            base = pretrained if isinstance(pretrained, StateModel) else pretrained()
         readers: list[EncoderReader] = []
         for source in self.checkpoints:
             reader = open_encoder(locate(source), self.allow_pickle)
@@ -138,11 +141,6 @@ class Experiment:
     @property
     def family(self) -> ModelFamily:
         return self.base.family
-
-    @property
-    def models(self) -> list[Model]:
-        """The pretrained model then the fine-tuned ones."""
-        return [self.base, *self.readers]
 
     def start(
         self,

@@ -170,6 +170,7 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
     """
     started = time.perf_counter()
     run = ContinualRun(config)
+    run.prepare()  # backbone, checkpoints and datasets found and checked before the first update
     total = len(config.checkpoints)
     yield LabUpdate(
         run.results(references=False).snapshot(),

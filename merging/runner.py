@@ -25,16 +25,17 @@ from typing import Any, Literal
 import torch
 
 from .backbones import Backbone, load_backbone
-from .checkpoints import EncoderReader, check_compatible, open_encoder
+from .checkpoints import EncoderReader
 from .datasets import cache_root
-from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
+from .devices import resolve_device
 from .disk_cache import DiskCache
 from .errors import MergingError
 from .evaluation import DEFAULT_SAMPLES, Evaluator
+from .experiment import Experiment, StateModel
 from .image_set import ImageSet
 from .methods import DEFAULT_METHOD, METHODS, ContinualMerger, MergeContext, create_merger
 from .results import MethodResults, RunResults, StepRecord
-from .sources import WEIGHT_SUFFIXES, check_no_duplicates, check_source_text, is_task_label, locate, portable
+from .sources import WEIGHT_SUFFIXES, check_source_text, is_task_label, locate, portable
 from .tasks import Task, TaskRegistry, registry
 from .threads import apply_share, run_slot
 
@@ -200,7 +201,12 @@ class StepReport:
 
 
 class ContinualRun:
-    """A continual merging run over one checkpoint order with one or more methods."""
+    """A continual merging run over one checkpoint order with one or more methods.
+
+    Constructing one checks the configuration and reads nothing; :meth:`prepare` loads the
+    backbone, opens and validates every checkpoint and finds every dataset, before any work
+    (the reference rows and :meth:`steps` prepare the run if the caller did not).
+    """
 
     def __init__(self, config: RunConfig, evaluator: Evaluator | None = None, cache_dir: Path | None = None):
         if not config.checkpoints:
@@ -213,38 +219,86 @@ class ContinualRun:
             raise MergingError(f"samples must be a whole number of test images per task, not {config.samples!r}")
         if config.samples is not None and config.samples < 1:
             raise MergingError(f"samples must be at least 1 test image per task (or all), not {config.samples}")
-        check_no_duplicates([c.source for c in config.checkpoints], config.allow_duplicates)
         self.config = config
-        self.tasks_registry = registry()
-        self.tasks: list[Task] = [self.tasks_registry.get(c.task) for c in config.checkpoints]
         self.mergers: dict[str, ContinualMerger] = {
             name: create_merger(name, options) for name, options in config.methods.items()
         }
-        self.device = resolve_device(config.device)
-        self.backbone: Backbone = load_backbone(config.backbone)
-        self.cache_dir = cache_dir or cache_root()
-        self.evaluator = evaluator or Evaluator(self.backbone, self.device, config.samples, self.cache_dir)
-        self.readers: list[EncoderReader] = []
-        base = _BackboneEncoder(self.backbone)
-        for spec in config.checkpoints:
-            reader = open_encoder(locate(spec.source))
-            check_compatible(base, reader)
-            self.readers.append(reader)
-        for spec, task in zip(config.checkpoints, self.tasks, strict=True):
-            self._check_dataset(task, spec)
-            if any(m.requires_data for m in self.mergers.values()):
-                self._check_train_split(task, spec)
+        self.experiment = Experiment(
+            self._open_backbone, [c.source for c in config.checkpoints], allow_duplicates=config.allow_duplicates
+        )
+        self._evaluator = evaluator
+        self._cache_dir = cache_dir
+        self._prepared: _Prepared | None = None
         self.reports: list[StepReport] = []
+        task_names = [c.task for c in config.checkpoints]
         self.record = RunResults(
             config=config.to_json(),
-            tasks=[t.name for t in self.tasks],
-            methods={
-                name: MethodResults(name, merger.config, [t.name for t in self.tasks])
-                for name, merger in self.mergers.items()
-            },
+            tasks=task_names,
+            methods={name: MethodResults(name, merger.config, task_names) for name, merger in self.mergers.items()},
         )
         self._references: dict[str, dict[str, float]] | None = None
         self.warnings: list[str] = []
+
+    def prepare(self) -> None:
+        """Everything that can fail before any work: tasks, device, backbone, checkpoints, datasets.
+
+        Idempotent; the command line and the app call it to fail early, with one message
+        naming the culprit.
+        """
+        if self._prepared is not None:
+            return
+        tasks_registry = registry()
+        tasks = [tasks_registry.get(c.task) for c in self.config.checkpoints]
+        device = resolve_device(self.config.device)
+        self.experiment.open()  # loads the backbone (_open_backbone), then opens and checks every checkpoint
+        backbone = self._backbone
+        cache_dir = self._cache_dir or cache_root()
+        evaluator = self._evaluator or Evaluator(backbone, device, self.config.samples, cache_dir)
+        self._prepared = _Prepared(tasks_registry, tasks, device, backbone, cache_dir, evaluator)
+        for spec, task in zip(self.config.checkpoints, tasks, strict=True):
+            self._check_dataset(task, spec)
+            if any(m.requires_data for m in self.mergers.values()):
+                self._check_train_split(task, spec)
+
+    def _open_backbone(self) -> StateModel:
+        """The backbone's image tower as the experiment's pretrained model (loaded once per process)."""
+        self._backbone = load_backbone(self.config.backbone)
+        visual = self._backbone.model.visual.state_dict()
+        return StateModel(f"backbone {self._backbone.name}", visual, self._backbone.arch, self._backbone.config)
+
+    @property
+    def prepared(self) -> _Prepared:
+        self.prepare()
+        assert self._prepared is not None
+        return self._prepared
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.prepared.backbone
+
+    @property
+    def evaluator(self) -> Evaluator:
+        return self.prepared.evaluator
+
+    @property
+    def device(self) -> torch.device:
+        return self.prepared.device
+
+    @property
+    def tasks(self) -> list[Task]:
+        return self.prepared.tasks
+
+    @property
+    def tasks_registry(self) -> TaskRegistry:
+        return self.prepared.tasks_registry
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.prepared.cache_dir
+
+    @property
+    def readers(self) -> list[EncoderReader]:
+        return self.experiment.readers
 
     def _check_dataset(self, task: Task, spec: CheckpointSpec) -> None:
         """Find (and, from the Hub, fetch) the test split before any step runs."""
@@ -295,6 +349,7 @@ class ContinualRun:
     def references(self) -> dict[str, dict[str, float]]:
         """Zero-shot accuracy of the pretrained model, and each checkpoint's on its own task."""
         if self._references is None:
+            self.prepare()
             self._references = self._load_or_compute_references()
             self.warnings = label_warnings(self.config.checkpoints, self._references)
         return self._references
@@ -339,47 +394,41 @@ class ContinualRun:
 
     def _steps(self) -> Iterator[StepReport]:
         self.references  # noqa: B018 (computed first, so the first step shows the reference lines)
-        pretrained = self.backbone.visual_state()
         context = self._merge_context() if any(m.requires_data for m in self.mergers.values()) else None
-        for merger in self.mergers.values():
-            if merger.requires_data:
-                merger.attach(context)
-            merger.start(pretrained, self.device)
-        total = len(self.readers)
-        for index, (reader, task) in enumerate(zip(self.readers, self.tasks, strict=True)):
-            evaluated = self.tasks if self.config.eval == "all" else self.tasks[: index + 1]
-            methods = {}
-            for name, merger in self.mergers.items():
-                reset_peak_memory(self.device)
-                in_use = memory_in_use(self.device)
-                apply_share()
-                started = time.perf_counter()
-                result = merger.step(reader, task=task.name, last=index == total - 1)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                merged_at = time.perf_counter()
-                peak = peak_memory_bytes(self.device)
-                heads = merger.heads()
-                apply_share()
-                accuracy = self.evaluator.evaluate(result.merged, evaluated, heads)
-                zeroshot_head = None
-                if merger.tunes_heads:
-                    zeroshot_head = {t.name: self.evaluator.accuracy(t) for t in evaluated}
-                finished = time.perf_counter()
-                record = StepRecord(
-                    accuracy=accuracy,
-                    merge_seconds=merged_at - started,
-                    eval_seconds=finished - merged_at,
-                    peak_memory_bytes=peak,
-                    memory_increase_bytes=None if peak is None or in_use is None else max(0, peak - in_use),
-                    diagnostics=result.diagnostics,
-                    accuracy_zeroshot_head=zeroshot_head,
-                )
-                self.record.methods[name].steps.append(record)
-                methods[name] = record
-            report = StepReport(index + 1, total, task.name, reader.source, methods)
-            self.reports.append(report)
-            yield report
+        self.experiment.start(self.mergers, self.device, context)
+        names = list(self.mergers)
+        methods: dict[str, StepRecord] = {}
+        merges = self.experiment.merge_steps(
+            self.mergers, self.device, [t.name for t in self.tasks], measure_memory=True, before_merge=apply_share
+        )
+        for timed in merges:
+            merged_at = time.perf_counter()
+            merger = self.mergers[timed.method]
+            evaluated = self.tasks if self.config.eval == "all" else self.tasks[: timed.index]
+            heads = merger.heads()
+            apply_share()
+            accuracy = self.evaluator.evaluate(timed.result.merged, evaluated, heads)
+            zeroshot_head = None
+            if merger.tunes_heads:
+                zeroshot_head = {t.name: self.evaluator.accuracy(t) for t in evaluated}
+            finished = time.perf_counter()
+            record = StepRecord(
+                accuracy=accuracy,
+                merge_seconds=timed.seconds,
+                eval_seconds=finished - merged_at,
+                peak_memory_bytes=timed.peak_memory_bytes,
+                memory_increase_bytes=timed.memory_increase_bytes,
+                diagnostics=timed.result.diagnostics,
+                accuracy_zeroshot_head=zeroshot_head,
+            )
+            self.record.methods[timed.method].steps.append(record)
+            methods[timed.method] = record
+            if timed.method == names[-1]:  # every method has merged this checkpoint
+                task = self.tasks[timed.index - 1].name
+                report = StepReport(timed.index, timed.total, task, timed.reader.source, methods)
+                methods = {}
+                self.reports.append(report)
+                yield report
 
     def run(self) -> dict[str, Any]:
         for _ in self.steps():
@@ -422,19 +471,13 @@ def save_results(results: RunResults, path: str | Path) -> list[Path]:
     return written
 
 
-class _BackboneEncoder:
-    """The backbone's image tower seen through the reader interface, for compatibility checks."""
+@dataclass
+class _Prepared:
+    """What :meth:`ContinualRun.prepare` found: the tasks, device, backbone, caches and evaluator."""
 
-    def __init__(self, backbone: Backbone):
-        self.source = f"backbone {backbone.name}"
-        self._state = backbone.model.visual.state_dict()
-        self.arch = backbone.arch
-
-    def __iter__(self):
-        return iter(self._state)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._state
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._state[key].shape)
+    tasks_registry: TaskRegistry
+    tasks: list[Task]
+    device: torch.device
+    backbone: Backbone
+    cache_dir: Path
+    evaluator: Evaluator

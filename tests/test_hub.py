@@ -286,7 +286,7 @@ def test_a_checkpoint_of_another_architecture_is_named_with_the_difference(hub, 
     with pytest.raises(
         MergingError, match=r"testorg/clip-tiny_hub-mini-land-cover .*\(a different architecture: width 32 vs 96"
     ):
-        ContinualRun(config)
+        ContinualRun(config).prepare()
 
 
 def fake_hub(monkeypatch, tmp_path, repositories):

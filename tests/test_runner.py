@@ -174,11 +174,12 @@ def test_bad_runs_are_refused_with_a_clear_message(tmp_path, mini_three, monkeyp
         match=r"dataset of task sun397: dataset tanganke/sun397 is not in the local Hub cache and offline mode .* "
         r"\(needed for checkpoint .*mini-land-cover\)",
     ):
-        ContinualRun(config_for(hub_task), cache_dir=tmp_path)
+        ContinualRun(config_for(hub_task), cache_dir=tmp_path).prepare()
     with pytest.raises(MergingError, match="unknown task 'nope'"):
-        ContinualRun(config_for([CheckpointSpec(mini_three[0].source, "nope")]), cache_dir=tmp_path)
-    with pytest.raises(MergingError, match="checkpoint not found"):
-        ContinualRun(config_for([CheckpointSpec(str(tmp_path / "missing"), "mini-digits")]), cache_dir=tmp_path)
+        ContinualRun(config_for([CheckpointSpec(mini_three[0].source, "nope")]), cache_dir=tmp_path).prepare()
+    missing = ContinualRun(config_for([CheckpointSpec(str(tmp_path / "missing"), "mini-digits")]), cache_dir=tmp_path)
+    with pytest.raises(MergingError, match="checkpoint not found"):  # constructing read nothing; preparing opens
+        missing.prepare()
 
 
 class ScriptedEvaluator:
