@@ -1,11 +1,11 @@
 """The Gradio app: a live continual-merging lab, a thin page over the ``merging`` library.
 
 ``python app.py`` starts it on the embedded mini benchmark (no network needed). The page
-only wires components to :mod:`merging.lab` (requests, runs, downloads) and
-:mod:`merging.plots` (figures); per-session state holds results as JSON, never weights.
+only wires components to :mod:`merging.ui.lab` (requests, runs, downloads) and
+:mod:`merging.ui.plots` (figures); per-session state holds results as JSON, never weights.
 Hosted (``--hosted``, ``MERGING_HOSTED=1`` or on Hugging Face Spaces), visitors read only
 the embedded assets, Hub ids and their own uploads; every file the lab writes goes to the
-session's private folder (:mod:`merging.hosting`).
+session's private folder (:mod:`merging.ui.hosting`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a lab that runs offline
 
-from merging.threads import limit_spinning
+from merging.compute.threads import limit_spinning
 
 # Before anything imports torch: OpenMP threads of other processes must not spin on our cores
 # (nor ours on theirs); the user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
@@ -32,19 +32,19 @@ limit_spinning()
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from merging import lab, plots
-from merging.backbones import backbone_choices
-from merging.checkpoints import open_encoder
-from merging.cli_run import method_options
-from merging.devices import DEVICE_CHOICES
+from merging.cli.run import method_options
+from merging.compute.devices import DEVICE_CHOICES
 from merging.errors import MergingError
-from merging.evaluation import DEFAULT_SAMPLES
-from merging.hosting import SourcePolicy, Workspaces, hosted_mode, max_upload_bytes, safe_upload_name
-from merging.merge import ContinualMerge
+from merging.evaluation.backbones import backbone_choices
+from merging.evaluation.evaluator import DEFAULT_SAMPLES
+from merging.evaluation.tasks import registry
+from merging.experiment.merge import ContinualMerge
+from merging.experiment.results import RunResults
+from merging.io.checkpoints import open_encoder
+from merging.io.sources import check_source_text
 from merging.methods import DEFAULT_METHOD, METHODS
-from merging.results import RunResults
-from merging.sources import check_source_text
-from merging.tasks import registry
+from merging.ui import lab, plots
+from merging.ui.hosting import SourcePolicy, Workspaces, hosted_mode, max_upload_bytes, safe_upload_name
 
 DEFAULT_PRESET = "mini-8"
 DEFAULT_BACKBONE = "mini"
@@ -149,7 +149,7 @@ def _text(value: Any, what: str, limit: int = 100_000) -> str:
 def max_concurrent_runs() -> int:
     """How many runs the queue lets compute at once: ``MERGING_CONCURRENT_RUNS``, else one per GPU, or two on a CPU.
 
-    Each run gets its share of the process's threads (merging.threads), so two runs on two
+    Each run gets its share of the process's threads (merging.compute.threads), so two runs on two
     cores take about as long together as one after the other, and neither waits for the other.
     """
     raw = os.environ.get("MERGING_CONCURRENT_RUNS", "").strip()
@@ -576,7 +576,7 @@ def option_component(method: str, option) -> gr.components.Component:
 
 
 def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) -> gr.Blocks:
-    """The page; ``hosted`` (default: :func:`merging.hosting.hosted_mode`) restricts what visitors may read."""
+    """The page; ``hosted`` (default: :func:`merging.ui.hosting.hosted_mode`) restricts what visitors may read."""
     handlers = LabHandlers(hosted, workspaces)
     presets = list(registry().sets)
     compute = {"concurrency_limit": max_concurrent_runs(), "concurrency_id": "compute"}

@@ -45,8 +45,8 @@ def wait_ready(url: str, process: subprocess.Popen, limit: float = 120.0) -> flo
 def first_updates(url: str) -> tuple[float, float, float]:
     from gradio_client import Client
 
-    from merging import lab
     from merging.methods import METHODS
+    from merging.ui import lab
 
     defaults = [o.default for cls in METHODS.values() for o in cls.options]
     args = ["mini", "mini-8", lab.preset_text("mini-8", "mini"), ["opcm"], 500, "seen", "auto", None, "hf", *defaults]

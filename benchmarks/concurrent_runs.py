@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-import merging.runner
-from merging.runner import ContinualRun, RunConfig, preset_checkpoints
-from merging.threads import usable_cores
+import merging.experiment.runner
+from merging.compute.threads import usable_cores
+from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
 
 RATIO_TARGET = 2.3
 
@@ -81,7 +81,7 @@ def without_budget(cores: int):
         torch.set_num_threads(cores)
         return cores
 
-    return mock.patch.object(merging.runner, "apply_share", all_cores)
+    return mock.patch.object(merging.experiment.runner, "apply_share", all_cores)
 
 
 def load() -> str:

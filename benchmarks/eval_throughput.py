@@ -30,12 +30,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import VIT_B_32, random_vit
-from merging.backbones import Backbone, Preprocess
-from merging.checkpoints import open_encoder
-from merging.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
-from merging.evaluation import Evaluator
+from merging.compute.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
+from merging.evaluation.backbones import Backbone, Preprocess
+from merging.evaluation.evaluator import Evaluator
+from merging.evaluation.tasks import DatasetRef, Task
 from merging.families.clip_vit.saving import save_encoder
-from merging.tasks import DatasetRef, Task
+from merging.io.checkpoints import open_encoder
 
 
 def random_backbone() -> Backbone:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging.backbones import load_backbone
-from merging.evaluation import Evaluator
-from merging.runner import ContinualRun, RunConfig, preset_checkpoints
+from merging.evaluation.backbones import load_backbone
+from merging.evaluation.evaluator import Evaluator
+from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
 
 FIRST_STEP_TARGET = 3.0
 TOTAL_TARGET = 15.0

@@ -43,11 +43,11 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import VIT_B_32, mib, random_vit, realistic_task_vector, run_worker
-from merging.checkpoints import load_encoder
-from merging.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
+from merging.compute.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
 from merging.families.clip_vit.matrices import matrix_views
 from merging.families.clip_vit.saving import save_encoder
-from merging.state_dict import distance
+from merging.io.checkpoints import load_encoder
+from merging.io.state_dict import distance
 
 SPEED_TARGET = 4.0
 MEMORY_TARGET = 4.0
@@ -107,7 +107,7 @@ def floor_step(pretrained: dict, first: str, second: str, device: torch.device) 
     one m × n × n product to measure P's entries and one to remove them (on the same threads
     as ours). Leaves out norms, validation, rescaling and every smaller product.
     """
-    from merging.parallel import map_on_threads
+    from merging.compute.parallel import map_on_threads
 
     merged_delta = {k: v.to(device) - pretrained[k].to(device) for k, v in load_encoder(first).items()}
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def floor_step(pretrained: dict, first: str, second: str, device: torch.device) 
 
 
 def worker(kind: str, folder: Path, device_name: str, count: int) -> None:
-    from merging.merge import ContinualMerge
+    from merging.experiment.merge import ContinualMerge
 
     device = resolve_device(device_name)
     sources = [str(folder / f"finetuned_{i}") for i in range(count)]

@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import TensorPeak
-from merging.backbones import load_backbone
-from merging.evaluation import Evaluator
+from merging.evaluation.backbones import load_backbone
+from merging.evaluation.evaluator import Evaluator
+from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
 from merging.methods import METHODS
-from merging.runner import ContinualRun, RunConfig, preset_checkpoints
 
 TOTAL_TARGET = 60.0
 MEMORY_TARGET = 20.0

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import VIT_B_32, random_vit, realistic_task_vector
-from merging.devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
+from merging.compute.devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
 from merging.methods import ImageSet, MergeContext, create_merger
 
 

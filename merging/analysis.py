@@ -1,7 +1,7 @@
 """Analysis of task vectors for the plots: cosine similarities and singular-value spectra.
 
 Models are passed as mappings from canonical key to tensor; lazy readers
-(:class:`merging.checkpoints.EncoderReader`) load one tensor at a time, so a similarity
+(:class:`merging.io.checkpoints.EncoderReader`) load one tensor at a time, so a similarity
 matrix over T checkpoints holds T copies of one parameter, never T encoders.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .families.clip_vit.matrices import get_matrix
+from merging.families.clip_vit.matrices import get_matrix
 
 
 def cosine_similarity_matrix(
@@ -60,7 +60,7 @@ def cumulative_share(singular_values: Tensor) -> Tensor:
     """Normalised cumulative spectrum Σ_{j≤i} s_j / Σ s (the quantity OPCM's α cuts).
 
     The one definition of this share: OPCM's split (:func:`merging.methods.opcm.split_rank`)
-    and the spectra plot (:func:`merging.plots.spectrum_figure`) both call it, so the curve
+    and the spectra plot (:func:`merging.ui.plots.spectrum_figure`) both call it, so the curve
     the page draws is exactly the one the merge cut. Sums run in float64 and the last entry
     is divided by itself, so the share ends at exactly 1; an empty, all-zero (or NaN) spectrum
     has a share of zeros.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from merging.analysis import cosine_similarity_matrix, cumulative_share, singular_values
-from merging.checkpoints import open_encoder
 from merging.families.clip_vit.matrices import get_matrix, matrix_labels
+from merging.io.checkpoints import open_encoder
 
 from .encoders import TINY, finetuned, random_encoder, write_hf
 

@@ -11,10 +11,10 @@ import pytest
 
 import app
 from app import RunView
-from merging import lab
-from merging.checkpoints import load_encoder
+from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
+from merging.io.checkpoints import load_encoder
 from merging.methods import METHODS
-from merging.runner import ContinualRun, RunConfig, preset_checkpoints
+from merging.ui import lab
 
 HANDLERS = app.LabHandlers(hosted=False)
 
@@ -150,7 +150,7 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
 
 
 def test_the_downloaded_config_replays_with_the_command_line(private_cache, tmp_path):
-    from merging.cli import main
+    from merging.cli.main import main
 
     files, results = list(run_lab(*lab_inputs(checkpoints=lab.preset_text("mini-8", "mini"))))[-1][5:7]
     config = next(f for f in files if f.endswith("config.json"))
@@ -248,7 +248,7 @@ def downloaded_results(outputs) -> dict:
 def test_client_run_streams_every_step_and_equals_the_command_line(served_app, tmp_path):
     from gradio_client import Client
 
-    from merging.cli import main
+    from merging.cli.main import main
 
     job = Client(served_app, verbose=False).submit(*lab_inputs(), api_name="/run")
     final = job.result()

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from merging.backbones import OPENAI_BACKBONES, OpenAIBackbone, checkpoint_family, load_backbone
 from merging.errors import MergingError
-from merging.runner import preset_checkpoints
-from merging.tasks import registry
-from merging.zeroshot import build_head
+from merging.evaluation.backbones import OPENAI_BACKBONES, OpenAIBackbone, checkpoint_family, load_backbone
+from merging.evaluation.tasks import registry
+from merging.evaluation.zeroshot import build_head
+from merging.experiment.runner import preset_checkpoints
 
 from .hubcache import add_folder, add_repo
 

@@ -134,7 +134,7 @@ def hosted_page(served_hosted_app):
 
 
 def test_the_merge_page_offers_a_download_and_no_server_path_when_hosted(hosted_page, tmp_path):
-    from merging.checkpoints import load_encoder
+    from merging.io.checkpoints import load_encoder
 
     page = hosted_page
     page.get_by_role("tab", name="Merge and download").click()

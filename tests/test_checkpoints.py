@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merging.checkpoints import check_compatible, open_encoder, resolve_source
 from merging.errors import CheckpointError
+from merging.experiment.merge import ContinualMerge
 from merging.families.clip_vit.layouts import Layout, to_hf
-from merging.merge import ContinualMerge
+from merging.io.checkpoints import check_compatible, open_encoder, resolve_source
 
 from .encoders import TINY, VisionArch, finetuned, random_encoder, write_hf, write_open_clip
 

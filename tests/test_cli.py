@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from merging.checkpoints import load_encoder, open_encoder
-from merging.cli import main
+from merging.cli.main import main
+from merging.io.checkpoints import load_encoder, open_encoder
 from merging.methods import METHODS, create_merger
 
 from .encoders import finetuned, write_hf

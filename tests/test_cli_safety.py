@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import merging.cli_run
-from merging.cli import main
-from merging.runner import ContinualRun
-from merging.tasks import ASSETS
+import merging.cli.run
+from merging.cli.main import main
+from merging.evaluation.tasks import ASSETS
+from merging.experiment.runner import ContinualRun
 
 MINI = ASSETS / "mini" / "checkpoints"
 DIGITS, LETTERS, SHAPES = (str(MINI / t) for t in ("mini-digits", "mini-letters", "mini-shapes"))
@@ -32,7 +32,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a run was started")
 
-    monkeypatch.setattr(merging.cli_run, "ContinualRun", refuse)
+    monkeypatch.setattr(merging.cli.run, "ContinualRun", refuse)
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -157,5 +157,13 @@ def test_the_command_line_runs_from_any_directory(tmp_path):
         [sys.executable, "-m", "merging", "run", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and "--preset" in done.stdout
-    pyproject = (PROJECT / "pyproject.toml").read_text()
-    assert 'packages = ["merging", "merging.methods"]' in pyproject and "requirements.txt" in pyproject
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    from setuptools import find_packages
+
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        p.parent.relative_to(PROJECT).as_posix().replace("/", ".") for p in PROJECT.glob("merging/**/__init__.py")
+    }
+    assert set(find_packages(str(PROJECT), include=include)) == packages  # every sub-package is installed
+    assert pyproject["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.backbones import Preprocess
-from merging.datasets import ImageCache
-from merging.disk_cache import GRACE_SECONDS, DiskCache, evict, in_use, max_bytes, write_atomic
 from merging.errors import MergingError
-from merging.tasks import registry
+from merging.evaluation.backbones import Preprocess
+from merging.evaluation.datasets import ImageCache
+from merging.evaluation.tasks import registry
+from merging.io.disk_cache import GRACE_SECONDS, DiskCache, evict, in_use, max_bytes, write_atomic
 
 PAST = 10 * GRACE_SECONDS  # older than the grace window
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from merging.backbones import load_backbone
-from merging.datasets import ImageCache, normalise, preprocess_image, sample_indices
 from merging.errors import MergingError
-from merging.evaluation import Evaluator
-from merging.tasks import parse_registry
-from merging.zeroshot import build_head
+from merging.evaluation.backbones import load_backbone
+from merging.evaluation.datasets import ImageCache, normalise, preprocess_image, sample_indices
+from merging.evaluation.evaluator import Evaluator
+from merging.evaluation.tasks import parse_registry
+from merging.evaluation.zeroshot import build_head
 
 TINY_CLIP = {
     "model_cfg": {

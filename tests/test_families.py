@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from merging.checkpoints import open_encoder
-from merging.cli import main
+from merging.cli.main import main
 from merging.errors import CheckpointError
-from merging.experiment import Experiment
+from merging.experiment.driver import Experiment
 from merging.families import FAMILIES, family_of
 from merging.families.clip_vit import CLIP_VIT
 from merging.families.mlp import MLP_FAMILY, MLPArch
+from merging.io.checkpoints import open_encoder
 from merging.methods import create_merger
 
 from .encoders import finetuned, random_encoder, write_hf, write_open_clip
@@ -170,12 +170,12 @@ def test_families_do_not_mix_and_each_writes_its_own_formats(tmp_path, capsys, m
 
 def test_opening_is_explicit_and_happens_once(mlp_checkpoints, monkeypatch):
     """Constructors store configuration only; open() reads headers once, however often it is called."""
-    import merging.experiment
+    import merging.experiment.driver
 
     pretrained, checkpoints = mlp_checkpoints
     calls = []
-    real = merging.experiment.open_encoder
-    monkeypatch.setattr(merging.experiment, "open_encoder", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = merging.experiment.driver.open_encoder
+    monkeypatch.setattr(merging.experiment.driver, "open_encoder", lambda *a, **k: calls.append(a) or real(*a, **k))
     experiment = Experiment(str(pretrained), [str(p) for p in checkpoints])
     assert calls == [] and not experiment.is_open
     experiment.open()

@@ -12,10 +12,10 @@ import gradio as gr
 import pytest
 
 import app
-from merging import lab
 from merging.errors import MergingError
-from merging.hosting import SourcePolicy, Workspaces, hosted_mode, safe_upload_name
-from merging.tasks import ASSETS
+from merging.evaluation.tasks import ASSETS
+from merging.ui import lab
+from merging.ui.hosting import SourcePolicy, Workspaces, hosted_mode, safe_upload_name
 
 from .test_app import OPTION_DEFAULTS, SAMPLES, lab_inputs, updates_until_error
 
@@ -218,7 +218,7 @@ def test_handlers_validate_whatever_a_script_sends(hosted):
 
 def test_stop_says_stopped_and_what_is_kept():
     assert "Stopped before the first step" in app.LabHandlers(hosted=False).stopped(None)
-    from merging.results import MethodResults, RunResults, StepRecord
+    from merging.experiment.results import MethodResults, RunResults, StepRecord
 
     tasks = ["a", "b", "c"]
     steps = [StepRecord(dict.fromkeys(tasks[: t + 1], 0.5), 0.1, 0.1, None, None, {}) for t in range(2)]

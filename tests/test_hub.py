@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.backbones import load_backbone
-from merging.checkpoints import load_encoder, open_encoder
-from merging.cli import main
+from merging.cli.main import main
 from merging.errors import MergingError
-from merging.hub import HubError, choose_model_files, clear_listing_cache, parse_hub_id
-from merging.runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints
-from merging.tasks import ASSETS, registry
+from merging.evaluation.backbones import load_backbone
+from merging.evaluation.tasks import ASSETS, registry
+from merging.experiment.runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints
+from merging.io.checkpoints import load_encoder, open_encoder
+from merging.io.hub import HubError, choose_model_files, clear_listing_cache, parse_hub_id
 
 from .hubcache import add_folder
 
@@ -137,7 +137,7 @@ def test_uncached_ids_offline_fail_at_once_naming_the_id(hub, tmp_path):
     assert time.perf_counter() - started < 1.0
     task = registry().get(f"hub-{TASKS[0]}")
     missing = type(task.dataset)(**{**task.dataset.__dict__, "location": "testorg/absent-data"})
-    from merging.datasets import parquet_files
+    from merging.evaluation.datasets import parquet_files
 
     with pytest.raises(MergingError, match=r"dataset of task .*: dataset testorg/absent-data is not in the local Hub"):
         parquet_files(type(task)(**{**task.__dict__, "dataset": missing}), "test")
@@ -190,7 +190,7 @@ def test_the_size_cap_is_checked_before_anything_is_downloaded(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.file_download import DryRunFileInfo
 
-    import merging.hub as hub_module
+    import merging.io.hub as hub_module
 
     calls = []
 
@@ -242,7 +242,7 @@ def test_hub_test_cache_layout_is_what_huggingface_hub_reads(hub):
 def test_checkpoint_search_is_quiet_and_fast_without_the_hub(monkeypatch):
     from huggingface_hub import constants
 
-    from merging.hub import search_checkpoints
+    from merging.io.hub import search_checkpoints
 
     started = time.perf_counter()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -259,7 +259,7 @@ def test_hub_refusals_are_translated_into_one_line_naming_the_id():
 
     from huggingface_hub import errors
 
-    from merging.hub import HubRef, _translate
+    from merging.io.hub import HubRef, _translate
 
     response = Mock(status_code=404, headers={}, url="https://huggingface.co/api/models/org/x")
     ref = HubRef("org/x", "v1")
@@ -294,7 +294,7 @@ def fake_hub(monkeypatch, tmp_path, repositories):
     from huggingface_hub import constants
     from huggingface_hub.file_download import DryRunFileInfo
 
-    import merging.hub as hub_module
+    import merging.io.hub as hub_module
 
     calls = []
 
@@ -319,7 +319,7 @@ def fake_hub(monkeypatch, tmp_path, repositories):
 def test_a_repository_is_listed_once_per_revision_and_split_per_process(monkeypatch, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from merging.hub import dataset_folder, dataset_split_patterns, model_folder
+    from merging.io.hub import dataset_folder, dataset_split_patterns, model_folder
 
     data = ["data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "README.md"]
     calls = fake_hub(monkeypatch, tmp_path, {"org/clip": ["config.json", "model.safetensors"], "org/data": data})
@@ -344,7 +344,7 @@ def test_a_repository_is_listed_once_per_revision_and_split_per_process(monkeypa
 
 
 def test_a_remembered_listing_whose_files_went_missing_is_resolved_afresh(monkeypatch, tmp_path):
-    from merging.hub import model_folder
+    from merging.io.hub import model_folder
 
     calls = fake_hub(monkeypatch, tmp_path, {"org/clip": ["config.json", "model.safetensors"]})
     folder = model_folder("org/clip")
@@ -354,9 +354,9 @@ def test_a_remembered_listing_whose_files_went_missing_is_resolved_afresh(monkey
 
 
 def test_images_already_in_memory_need_no_hub_call(hub, tmp_path, monkeypatch):
-    import merging.hub as hub_module
-    from merging.backbones import Preprocess
-    from merging.datasets import ImageCache
+    import merging.io.hub as hub_module
+    from merging.evaluation.backbones import Preprocess
+    from merging.evaluation.datasets import ImageCache
 
     calls = []
     real = hub_module._snapshot

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from merging.checkpoints import open_encoder
 from merging.errors import CheckpointError
 from merging.families.clip_vit.architecture import VisionArch
 from merging.families.clip_vit.layouts import Layout, detect_layout, to_canonical, to_hf, to_open_clip
 from merging.families.clip_vit.saving import save_encoder
+from merging.io.checkpoints import open_encoder
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from merging import lab
-from merging.cli import main
-from merging.devices import peak_memory_bytes
+from merging.cli.main import main
+from merging.compute.devices import peak_memory_bytes
+from merging.ui import lab
 
 from .test_app import SAMPLES, lab_inputs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from merging.metrics import acc, average_seen_accuracy, bwt, bwt_per_step
+from merging.experiment.metrics import acc, average_seen_accuracy, bwt, bwt_per_step
 
 # a[i][t]: task i after step t; None where a task was not yet evaluated.
 MATRIX = [

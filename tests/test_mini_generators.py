@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from merging.tasks import registry
+from merging.evaluation.tasks import registry
 from scripts.minibench.build import MINI_8, draw_split
 from scripts.minibench.generators import TASKS, digit_split
 

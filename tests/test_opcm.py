@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from merging.families.clip_vit.matrices import matrix_labels, matrix_views
+from merging.io.state_dict import distance
 from merging.methods import create_merger
 from merging.methods.opcm import project_task_matrix, split_rank
-from merging.state_dict import distance
 
 from .encoders import TINY, VisionArch, finetuned, random_encoder, task_vector
 

@@ -10,8 +10,8 @@ import torch
 
 from merging.errors import MergingError, OptionError
 from merging.methods import create_merger
+from merging.methods._ot_loss import exact_ot, sinkhorn_divergence
 from merging.methods.otmf import OTMF, mask_summary
-from merging.ot_loss import exact_ot, sinkhorn_divergence
 
 from .encoders import TINY, finetuned, random_encoder, ready_merger, toy_context
 from .test_streaming import held_bytes
@@ -232,8 +232,8 @@ def test_exact_ot_of_a_permutation_is_zero_and_of_a_shift_is_half_its_square():
 
 
 def test_on_the_mini_benchmark_the_loss_decreases_and_heads_are_reported(tmp_path):
-    from merging.metrics import acc, bwt
-    from merging.runner import ContinualRun, RunConfig, preset_checkpoints
+    from merging.experiment.metrics import acc, bwt
+    from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
 
     checkpoints = preset_checkpoints("mini-8")[:3]
     config = RunConfig(

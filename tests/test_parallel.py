@@ -1,7 +1,7 @@
 """Per-parameter work on threads: same results and the same first error as a plain loop.
 
 Every test here runs the threaded path for real: the caller's intra-op thread count is set to
-2 (a pool of two workers, see :func:`merging.parallel.map_on_threads`), and the first two
+2 (a pool of two workers, see :func:`merging.compute.parallel.map_on_threads`), and the first two
 items wait for each other at a barrier, which only two threads at once can pass. The costs
 are chosen so that the order items are submitted in (dearest first) differs from their
 order in the list: an implementation that answered in submission or completion order fails.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from merging.parallel import map_on_threads
+from merging.compute.parallel import map_on_threads
 
 CPU = torch.device("cpu")
 WORKERS = 2

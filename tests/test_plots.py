@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from merging import plots
+from merging.experiment.results import RunResults
 from merging.methods import METHODS
-from merging.results import RunResults
+from merging.ui import plots
 
 
 def results(preset="TA8", backbone="ViT-B-32") -> RunResults:

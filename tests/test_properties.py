@@ -6,11 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import merging.cli
-import merging.cli_run
-from merging import lab
-from merging.cli import main
+import merging.cli.main
+import merging.cli.run
+from merging.cli.main import main
 from merging.errors import MergingError
+from merging.ui import lab
 
 FLAGS = [
     "run",
@@ -49,8 +49,8 @@ def no_work(monkeypatch, tmp_path):
     """Parsing and every check run for real; the work itself (a run, a merge) is replaced by success."""
     monkeypatch.setenv("MERGING_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # whatever a generated --out names lands here
-    monkeypatch.setattr(merging.cli, "run_command", lambda prepared: 0)
-    monkeypatch.setattr(merging.cli, "run_merge", lambda args: merging.cli.prepare_merge(args) and 0)
+    monkeypatch.setattr(merging.cli.main, "run_command", lambda prepared: 0)
+    monkeypatch.setattr(merging.cli.main, "run_merge", lambda args: merging.cli.main.prepare_merge(args) and 0)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

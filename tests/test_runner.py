@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from merging.cli import main
+from merging.cli.main import main
 from merging.errors import MergingError
-from merging.evaluation import Evaluator
-from merging.methods import METHODS
-from merging.metrics import acc, bwt
-from merging.runner import (
+from merging.evaluation.evaluator import Evaluator
+from merging.evaluation.tasks import registry
+from merging.experiment.metrics import acc, bwt
+from merging.experiment.runner import (
     CheckpointSpec,
     ContinualRun,
     RunConfig,
@@ -20,7 +20,7 @@ from merging.runner import (
     preset_checkpoints,
     shuffled,
 )
-from merging.tasks import registry
+from merging.methods import METHODS
 
 SAMPLES = 64
 

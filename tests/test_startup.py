@@ -25,7 +25,7 @@ def test_importing_the_library_loads_no_method_dependency_nor_ui():
 
 
 def test_the_command_lines_help_imports_nothing_heavy():
-    assert loaded_after("from merging.cli import main\nassert main(['--help']) == 0") == []
+    assert loaded_after("from merging.cli.main import main\nassert main(['--help']) == 0") == []
     done = subprocess.run([sys.executable, "-m", "merging", "--help"], cwd=PROJECT, capture_output=True, text=True)
     assert done.returncode == 0 and "merge" in done.stdout and "run" in done.stdout
     done = subprocess.run([sys.executable, "-m", "merging"], cwd=PROJECT, capture_output=True, text=True)

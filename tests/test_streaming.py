@@ -223,7 +223,7 @@ def test_mismatched_incoming_encoder_is_reported():
 
 
 def test_lazy_reader_is_streamed_and_a_bad_one_changes_nothing(tmp_path):
-    from merging.checkpoints import open_encoder
+    from merging.io.checkpoints import open_encoder
 
     from .encoders import write_hf
 

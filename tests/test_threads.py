@@ -19,10 +19,8 @@ from typing import TypeVar
 import pytest
 import torch
 
-from merging.errors import MergingError
-from merging.parallel import map_on_threads
-from merging.runner import CheckpointSpec, ContinualRun, RunConfig, preset_checkpoints, shuffled
-from merging.threads import (
+from merging.compute.parallel import map_on_threads
+from merging.compute.threads import (
     DEFAULT_SPINCOUNT,
     ENV,
     ThreadBudget,
@@ -32,6 +30,8 @@ from merging.threads import (
     runs_in_flight,
     usable_cores,
 )
+from merging.errors import MergingError
+from merging.experiment.runner import CheckpointSpec, ContinualRun, RunConfig, preset_checkpoints, shuffled
 
 CPU = torch.device("cpu")
 WAIT = 60  # seconds before a barrier gives up, so a bug fails the test instead of hanging it
@@ -159,7 +159,7 @@ def test_spinning_is_capped_only_when_the_user_chose_no_policy_and_torch_is_not_
 
 
 def test_the_budget_module_can_be_imported_before_torch():
-    code = "import sys, merging.threads; sys.exit('torch' in sys.modules)"
+    code = "import sys, merging.compute.threads; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
 

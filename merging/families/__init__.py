@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-from ..errors import CheckpointError
-from .base import Architecture, Layout, Model, ModelFamily, Recipe
-from .clip_vit import CLIP_VIT
-from .mlp import MLP_FAMILY
+from merging.errors import CheckpointError
+from merging.families.base import Architecture, Layout, Model, ModelFamily, Recipe
+from merging.families.clip_vit import CLIP_VIT
+from merging.families.mlp import MLP_FAMILY
 
 FAMILIES: dict[str, ModelFamily] = {}
 

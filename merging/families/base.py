@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from merging.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from ..checkpoints import ResolvedSource
+    from merging.io.checkpoints import ResolvedSource
 
 
 class Layout(Protocol):
@@ -57,7 +57,7 @@ class Architecture(Protocol):
 class Model(Protocol):
     """What the compatibility check reads: a model's name, architecture, parameter names and shapes.
 
-    Opened checkpoints (:class:`merging.checkpoints.EncoderReader`) qualify, and so does a
+    Opened checkpoints (:class:`merging.io.checkpoints.EncoderReader`) qualify, and so does a
     loaded backbone's image tower seen through the same interface, without reading weights.
     """
 

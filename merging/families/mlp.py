@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
-from .base import ModelFamily, Recipe, cast_for_saving
+from merging.errors import CheckpointError
+from merging.families.base import ModelFamily, Recipe, cast_for_saving
 
 if TYPE_CHECKING:
-    from ..checkpoints import ResolvedSource
+    from merging.io.checkpoints import ResolvedSource
 
 _KEY = re.compile(r"^layers\.(?P<n>\d+)\.(?P<p>weight|bias)$")
 _WEIGHT = re.compile(r"^layers\.\d+\.weight$")

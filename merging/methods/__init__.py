@@ -23,9 +23,9 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..errors import OptionError
-from ..image_set import ImageSet
-from .base import ContinualMerger, Diagnostic, MergeContext, Option, StepInput, StepResult
+from merging.errors import OptionError
+from merging.evaluation.image_set import ImageSet
+from merging.methods.base import ContinualMerger, Diagnostic, MergeContext, Option, StepInput, StepResult
 
 DEFAULT_METHOD = "opcm"
 # The papers' order, used for --method all, the UI and results; discovered methods follow.

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, MergingError, OptionError
-from ..image_set import ImageSet
-from ..parallel import map_on_threads
-from ..state_dict import StateDict, distance
+from merging.compute.parallel import map_on_threads
+from merging.errors import CheckpointError, MergingError, OptionError
+from merging.evaluation.image_set import ImageSet
+from merging.io.state_dict import StateDict, distance
 
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
 
-    from ..families import ModelFamily
-    from ..results import MethodResults
+    from merging.experiment.results import MethodResults
+    from merging.families import ModelFamily
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -267,7 +267,7 @@ class ContinualMerger(ABC):
         recognises raise rather than merge with no matrix found; element-wise methods need none.
         """
         if family is None and self.uses_matrices:
-            from ..families import family_of
+            from merging.families import family_of
 
             family = family_of(pretrained.keys(), "the pretrained encoder")
         self.family = family
@@ -283,7 +283,7 @@ class ContinualMerger(ABC):
         ``task`` names θ_t's task and ``last`` says no checkpoint follows; only data-driven
         methods use them (OTMF needs the task's images and tunes a final head).
 
-        ``finetuned`` may be a lazy mapping (:class:`merging.checkpoints.EncoderReader`):
+        ``finetuned`` may be a lazy mapping (:class:`merging.io.checkpoints.EncoderReader`):
         it is then read one parameter at a time and never held whole. Everything is checked
         (keys, shapes, finite values) before the merged state changes, so a bad checkpoint
         raises and leaves the merger as it was after the previous step.

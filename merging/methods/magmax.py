@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..state_dict import StateDict
-from .base import ContinualMerger, Option, StepInput
+from merging.io.state_dict import StateDict
+from merging.methods.base import ContinualMerger, Option, StepInput
 
 
 class MagMax(ContinualMerger):

@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..analysis import cumulative_share
-from ..parallel import map_on_threads
-from .base import ContinualMerger, Diagnostic, Option, StepInput
+from merging.analysis import cumulative_share
+from merging.compute.parallel import map_on_threads
+from merging.methods.base import ContinualMerger, Diagnostic, Option, StepInput
 
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
 
-    from ..results import MethodResults
+    from merging.experiment.results import MethodResults
 
 # Below this ratio to the largest singular value a direction is treated as null space.
 _RANK_TOLERANCE = 1e-6
@@ -221,7 +221,7 @@ class OPCM(ContinualMerger):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from ..plots import colour, styled
+        from merging.ui.plots import colour, styled
 
         x = list(range(1, len(results.steps) + 1))
         figure = make_subplots(rows=1, cols=2, subplot_titles=("λ(t) and √t", "share of τ_t removed by the projection"))

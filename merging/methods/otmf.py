@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from ..errors import MergingError
-from ..ot_loss import OT_LOSSES, ot_loss
-from .base import ContinualMerger, Diagnostic, Incoming, Option, StepInput
+from merging.errors import MergingError
+from merging.methods._ot_loss import OT_LOSSES, ot_loss
+from merging.methods.base import ContinualMerger, Diagnostic, Incoming, Option, StepInput
 
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
 
-    from ..results import MethodResults
+    from merging.experiment.results import MethodResults
 
 _TEACHER_BATCH = 64
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit; larger mask sets are subsampled evenly
@@ -152,7 +152,7 @@ class OTMF(ContinualMerger):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from ..plots import colour, styled
+        from merging.ui.plots import colour, styled
 
         figure = make_subplots(
             rows=1, cols=3, subplot_titles=("pre masks: OT loss", "post masks: OT loss", "masks: mean ± std, tails")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .base import ContinualMerger, Option, StepInput
+from merging.methods.base import ContinualMerger, Option, StepInput
 
 
 class TaskArithmetic(ContinualMerger):

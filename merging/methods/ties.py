@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import ContinualMerger, Diagnostic, Option, StepInput
+from merging.methods.base import ContinualMerger, Diagnostic, Option, StepInput
 
 
 def kth_smallest_magnitude(tensors: Callable[[], Iterable[Tensor]], rank: int) -> float:

@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from merging.backbones import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from merging.evaluation.backbones import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from merging.families.clip_vit.architecture import VisionArch  # noqa: E402
 from merging.families.clip_vit.saving import save_encoder  # noqa: E402
 from scripts.minibench.generators import TASKS, TaskSpec, digit_split, draw_handwritten_digit  # noqa: E402

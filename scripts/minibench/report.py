@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from merging.analysis import cosine_similarity_matrix
-from merging.backbones import load_backbone
-from merging.checkpoints import open_encoder
-from merging.evaluation import Evaluator
+from merging.evaluation.backbones import load_backbone
+from merging.evaluation.evaluator import Evaluator
+from merging.evaluation.tasks import registry
+from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints, shuffled
+from merging.io.checkpoints import open_encoder
 from merging.methods import METHODS
-from merging.runner import ContinualRun, RunConfig, preset_checkpoints, shuffled
-from merging.tasks import registry
 from scripts.minibench.generators import TASKS
 
 

@@ -6,6 +6,6 @@ through :data:`CLIP_VIT`, the family's :class:`merging.families.base.ModelFamily
 
 from __future__ import annotations
 
-from .family import CLIP_VIT, ClipViT
+from merging.families.clip_vit.family import CLIP_VIT, ClipViT
 
 __all__ = ["CLIP_VIT", "ClipViT"]

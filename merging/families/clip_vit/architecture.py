@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-from ...errors import CheckpointError
+from merging.errors import CheckpointError
 
 OPENAI_HEAD_WIDTH = 64
 

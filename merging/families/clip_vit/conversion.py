@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import MergingError
-from .layouts import Layout, to_canonical, to_open_clip
+from merging.errors import MergingError
+from merging.families.clip_vit.layouts import Layout, to_canonical, to_open_clip
 
 _TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
 _TEXT_RENAMES = {

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..base import ModelFamily, Recipe
-from . import matrices
-from .architecture import VisionArch
-from .layouts import Layout, canonical_recipes, recognise_layout
-from .saving import encoder_files, save_encoder
+from merging.families.base import ModelFamily, Recipe
+from merging.families.clip_vit import matrices
+from merging.families.clip_vit.architecture import VisionArch
+from merging.families.clip_vit.layouts import Layout, canonical_recipes, recognise_layout
+from merging.families.clip_vit.saving import encoder_files, save_encoder
 
 if TYPE_CHECKING:
-    from ...checkpoints import ResolvedSource
+    from merging.io.checkpoints import ResolvedSource
 
 
 class ClipViT(ModelFamily):
@@ -63,6 +63,11 @@ class ClipViT(ModelFamily):
 
     def get_matrix(self, state: Mapping[str, Tensor], label: str) -> Tensor:
         return matrices.get_matrix(state, label)
+
+    def default_spectrum_label(self, keys: Iterable[str]) -> str | None:
+        """The last block's MLP input weight: the widest matrix, where task vectors differ most."""
+        blocks = sorted({int(k.split(".")[2]) for k in keys if k.startswith("transformer.resblocks.")})
+        return f"transformer.resblocks.{blocks[-1]}.mlp.c_fc.weight" if blocks else None
 
     def output_architecture(self, pretrained: Any, finetuned: Sequence[Any]) -> VisionArch:
         """Heads and activation from a config file when any input has one (the fine-tuned

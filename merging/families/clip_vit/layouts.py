@@ -27,8 +27,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from ...errors import CheckpointError
-from ..base import Recipe
+from merging.errors import CheckpointError
+from merging.families.base import Recipe
 
 HF_PREFIX = "vision_model."
 HF_PROJECTION = "visual_projection.weight"

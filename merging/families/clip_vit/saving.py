@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ...errors import CheckpointError
-from ..base import cast_for_saving
-from .architecture import VisionArch
-from .layouts import Layout, to_hf, to_open_clip
+from merging.errors import CheckpointError
+from merging.families.base import cast_for_saving
+from merging.families.clip_vit.architecture import VisionArch
+from merging.families.clip_vit.layouts import Layout, to_hf, to_open_clip
 
 SAFETENSORS_SUFFIX = ".safetensors"
 HF_CONFIG = "config.json"

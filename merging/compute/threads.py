@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 
-from .errors import MergingError
+from merging.errors import MergingError
 
 ENV = "MERGING_THREADS"
 SPIN_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

@@ -24,20 +24,20 @@ from typing import Any, Literal
 
 import torch
 
-from .backbones import Backbone, load_backbone
-from .checkpoints import EncoderReader
-from .datasets import cache_root
-from .devices import resolve_device
-from .disk_cache import DiskCache
-from .errors import MergingError
-from .evaluation import DEFAULT_SAMPLES, Evaluator
-from .experiment import Experiment, StateModel
-from .image_set import ImageSet
-from .methods import DEFAULT_METHOD, METHODS, ContinualMerger, MergeContext, create_merger
-from .results import MethodResults, RunResults, StepRecord
-from .sources import WEIGHT_SUFFIXES, check_source_text, is_task_label, locate, portable
-from .tasks import Task, TaskRegistry, registry
-from .threads import apply_share, run_slot
+from merging.compute.devices import resolve_device
+from merging.compute.threads import apply_share, run_slot
+from merging.errors import MergingError
+from merging.evaluation.backbones import Backbone, load_backbone
+from merging.evaluation.datasets import cache_root
+from merging.evaluation.evaluator import DEFAULT_SAMPLES, Evaluator
+from merging.evaluation.image_set import ImageSet
+from merging.evaluation.tasks import Task, TaskRegistry, registry
+from merging.experiment.driver import Experiment, StateModel
+from merging.experiment.results import MethodResults, RunResults, StepRecord
+from merging.io.checkpoints import EncoderReader
+from merging.io.disk_cache import DiskCache
+from merging.io.sources import WEIGHT_SUFFIXES, check_source_text, is_task_label, locate, portable
+from merging.methods import DEFAULT_METHOD, METHODS, ContinualMerger, MergeContext, create_merger
 
 EvalMode = Literal["seen", "all"]
 
@@ -101,7 +101,7 @@ def preset_checkpoints(
     TALL20) are FusionBench's fine-tunes on the Hub, ``tanganke/<family>_<task>``, for the
     backbone's family (``clip-vit-base-patch32`` for ViT-B-32 or openai/clip-vit-base-patch32).
     """
-    from .backbones import checkpoint_family
+    from merging.evaluation.backbones import checkpoint_family
 
     tasks = tasks or registry()
     specs = []
@@ -302,7 +302,7 @@ class ContinualRun:
 
     def _check_dataset(self, task: Task, spec: CheckpointSpec) -> None:
         """Find (and, from the Hub, fetch) the test split before any step runs."""
-        from .datasets import parquet_files
+        from merging.evaluation.datasets import parquet_files
 
         try:
             parquet_files(task, task.dataset.split)
@@ -310,7 +310,7 @@ class ContinualRun:
             raise MergingError(f"{exc} (needed for checkpoint {spec.source})") from None
 
     def _check_train_split(self, task: Task, spec: CheckpointSpec) -> None:
-        from .datasets import parquet_files
+        from merging.evaluation.datasets import parquet_files
 
         needs = [n for n, m in self.mergers.items() if m.requires_data]
         if task.dataset.train_split is None:
@@ -385,7 +385,7 @@ class ContinualRun:
 
         The run holds a slot of the process's thread budget while it runs, and its thread takes
         its fair share of the cores before each merge and each evaluation (the share changes as
-        other runs start and end; see :mod:`merging.threads`). The slot is released however the
+        other runs start and end; see :mod:`merging.compute.threads`). The slot is released however the
         run ends: finished, failed, or closed early by a caller that stops iterating.
         """
         with run_slot():

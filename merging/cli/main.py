@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_parser import EXIT_BAD_INPUT, OneLineParser
-from .errors import MergingError
-from .outputs import check_outputs, write_or_rescue
-from .sources import check_no_duplicates, check_source_text
+from merging.cli.parser import EXIT_BAD_INPUT, OneLineParser
+from merging.errors import MergingError
+from merging.io.outputs import check_outputs, write_or_rescue
+from merging.io.sources import check_no_duplicates, check_source_text
 
 if TYPE_CHECKING:
-    from .merge import ContinualMerge
+    from merging.experiment.merge import ContinualMerge
 
 # The commands, for the top-level help, which is answered without importing torch or any
 # method; everything else builds the full parser (below), which imports them.
@@ -30,7 +30,7 @@ DESCRIPTION = "Continual merging of fine-tuned CLIP image encoders."
 
 
 def _methods_help() -> str:
-    from .methods import METHODS
+    from merging.methods import METHODS
 
     lines = []
     for name, cls in METHODS.items():
@@ -53,11 +53,11 @@ def top_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_run import add_run_parser
-    from .devices import DEVICE_CHOICES
-    from .families import output_formats
-    from .merge import DTYPES
-    from .methods import METHODS
+    from merging.cli.run import add_run_parser
+    from merging.compute.devices import DEVICE_CHOICES
+    from merging.experiment.merge import DTYPES
+    from merging.families import output_formats
+    from merging.methods import METHODS
 
     parser = OneLineParser(prog="python -m merging", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method option, e.g. --opt alpha=0.5 or --opt opcm.alpha=0.5 (repeatable; see the list below)",
+        help="a method option, KEY=VALUE or METHOD.KEY=VALUE (repeatable; see the list below)",
     )
     merge.add_argument(
         "--device",
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_step(step, method: str) -> str:
-    from .methods import get_method
+    from merging.methods import get_method
 
     d = step.diagnostics
     parts = [
@@ -161,8 +161,8 @@ def merge_outputs(out: str) -> list[Path]:
 def prepare_merge(args: argparse.Namespace) -> ContinualMerge:
     """Every check before any work: options, sources, duplicates, the output; then open and
     validate the inputs, and check that their family can write ``--out`` in ``--format``."""
-    from .cli_run import method_options
-    from .merge import ContinualMerge
+    from merging.cli.run import method_options
+    from merging.experiment.merge import ContinualMerge
 
     if not args.checkpoint:
         raise MergingError("no fine-tuned checkpoints given: pass --checkpoint SRC at least once")
@@ -220,7 +220,7 @@ def _partial_path(out: Path, done: int, total: int) -> Path:
 
 
 def run_command(prepared) -> int:
-    from .cli_run import run_command as run
+    from merging.cli.run import run_command as run
 
     return run(prepared)
 
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         if args.command == "run":
-            from .cli_run import prepare_run
+            from merging.cli.run import prepare_run
 
             return run_command(prepare_run(args))
         return run_merge(args)

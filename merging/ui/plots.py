@@ -1,4 +1,4 @@
-"""Plotly figures of a continual run, as pure functions of its typed results (:mod:`merging.results`).
+"""Plotly figures of a continual run, as pure functions of its typed results (:mod:`merging.experiment.results`).
 
 A method's own "internals" figure is drawn by the method (``live_figure``); this module
 names no method. Every figure keeps ``uirevision`` constant, so a user's zoom survives the live updates, and
@@ -16,8 +16,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .results import RunResults
-from .tasks import ASSETS
+from merging.evaluation.tasks import ASSETS
+from merging.experiment.results import RunResults
 
 UIREVISION = "continual-merging-lab"
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
@@ -91,7 +91,7 @@ def published_markers(config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Published final ACC/BWT per method for a standard preset on an OpenAI backbone, else {}.
 
     Each method says under which name the papers report it (``published_name``)."""
-    from .methods import METHODS
+    from merging.methods import METHODS
 
     backbone = PUBLISHED_BACKBONES.get(str(config.get("backbone")))
     size = PRESET_SIZES.get(str(config.get("preset")))
@@ -212,7 +212,7 @@ def spectrum_figure(
     """
     import torch
 
-    from .analysis import cumulative_share
+    from merging.analysis import cumulative_share
 
     figure = make_subplots(rows=1, cols=2, subplot_titles=("singular values", "normalised cumulative spectrum"))
     for index, (name, values) in enumerate(spectra.items()):
@@ -235,7 +235,7 @@ def spectrum_figure(
 
 def internals_figure(results: RunResults, method: str) -> go.Figure | None:
     """The method's own live figure of its internals (None if it draws none or has no step yet)."""
-    from .methods import METHODS
+    from merging.methods import METHODS
 
     if method not in results.methods or method not in METHODS:
         return None

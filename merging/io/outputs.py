@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import MergingError
-from .sources import local_checkpoint
-from .tasks import ASSETS
+from merging.errors import MergingError
+from merging.evaluation.tasks import ASSETS
+from merging.io.sources import local_checkpoint
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MergingError
+from merging.errors import MergingError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backbones import Backbone
-from .datasets import ImageCache, ImageSet, cache_root, normalise
-from .tasks import Task
-from .zeroshot import HeadCache
+from merging.evaluation.backbones import Backbone
+from merging.evaluation.datasets import ImageCache, ImageSet, cache_root, normalise
+from merging.evaluation.tasks import Task
+from merging.evaluation.zeroshot import HeadCache
 
 DEFAULT_SAMPLES = 500
 

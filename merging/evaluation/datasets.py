@@ -26,11 +26,11 @@ from torch import Tensor
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from torchvision.transforms.functional import pil_to_tensor
 
-from .backbones import Preprocess
-from .disk_cache import DiskCache, cache_root
-from .errors import MergingError
-from .image_set import ImageSet
-from .tasks import Task
+from merging.errors import MergingError
+from merging.evaluation.backbones import Preprocess
+from merging.evaluation.image_set import ImageSet
+from merging.evaluation.tasks import Task
+from merging.io.disk_cache import DiskCache, cache_root
 
 SAMPLE_SEED = 0
 
@@ -41,7 +41,7 @@ def parquet_files(task: Task, split: str) -> list[Path]:
     Raises naming the task (and the dataset id) when there are none.
     """
     if not task.dataset.is_local:
-        from .hub import HubError, dataset_folder
+        from merging.io.hub import HubError, dataset_folder
 
         try:
             root = dataset_folder(task.dataset.location, split, task.dataset.config)

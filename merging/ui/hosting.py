@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MergingError
-from .sources import HF_HUB_PREFIX, PROJECT, UPLOAD_PREFIX, is_hub_shaped, locate
-from .tasks import ASSETS
+from merging.errors import MergingError
+from merging.evaluation.tasks import ASSETS
+from merging.io.sources import HF_HUB_PREFIX, PROJECT, UPLOAD_PREFIX, is_hub_shaped, locate
 
 HOSTED_ENV = "MERGING_HOSTED"
 _TRUE = ("1", "true", "yes", "on")

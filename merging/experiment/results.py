@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import MergingError
-from .metrics import acc, bwt
+from merging.errors import MergingError
+from merging.experiment.metrics import acc, bwt
 
 SCHEMA_VERSION = 2  # 1: results.json before the field existed (same layout otherwise)
 

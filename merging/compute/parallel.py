@@ -6,7 +6,7 @@ decompositions at once instead (torch's thread count is per thread, so the calle
 setting is untouched). On CUDA, or with a single core, work runs in order.
 
 The pool is sized from the *calling* thread's intra-op count, which a run sets to its share
-of the process's budget (:mod:`merging.threads`): when two runs share two cores each has a
+of the process's budget (:mod:`merging.compute.threads`): when two runs share two cores each has a
 share of 1 and works in order here, so the pools of concurrent runs never add up to more
 threads than cores.
 """

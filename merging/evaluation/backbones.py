@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import MergingError
-from .families.clip_vit.architecture import VisionArch
-from .hub import HF_HUB_PREFIX, HubError, fetch, parse_hub_id
-from .tasks import ASSETS
+from merging.errors import MergingError
+from merging.evaluation.tasks import ASSETS
+from merging.families.clip_vit.architecture import VisionArch
+from merging.io.hub import HF_HUB_PREFIX, HubError, fetch, parse_hub_id
 
 MINI = "mini"
 LOCAL_DIR = "local-dir:"
@@ -230,8 +230,8 @@ def _load_transformers(name: str, spec: OpenAIBackbone | None) -> Backbone:
     """A transformers CLIPModel repository (config.json + model.safetensors), converted to open_clip."""
     import open_clip
 
-    from .families.clip_vit.conversion import clip_model_config, hf_clip_to_open_clip
-    from .hub import choose_model_files
+    from merging.families.clip_vit.conversion import clip_model_config, hf_clip_to_open_clip
+    from merging.io.hub import choose_model_files
 
     if spec is not None:
         repo = spec.transformers_repo

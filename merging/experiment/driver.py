@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoints import EncoderReader, check_compatible, open_encoder
-from .devices import memory_in_use, peak_memory_bytes, reset_peak_memory
-from .errors import CheckpointError
-from .families import ModelFamily, family_of
-from .methods import ContinualMerger, MergeContext, StepResult
-from .sources import check_no_duplicates, locate
+from merging.compute.devices import memory_in_use, peak_memory_bytes, reset_peak_memory
+from merging.errors import CheckpointError
+from merging.families import ModelFamily, family_of
+from merging.io.checkpoints import EncoderReader, check_compatible, open_encoder
+from merging.io.sources import check_no_duplicates, locate
+from merging.methods import ContinualMerger, MergeContext, StepResult
 
 
 class StateModel:

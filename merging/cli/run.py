@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .devices import DEVICE_CHOICES
-from .errors import MergingError, OptionError
-from .evaluation import DEFAULT_SAMPLES
-from .methods import METHODS, get_method
-from .outputs import check_outputs, write_or_rescue
-from .results import RunResults
-from .runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
-from .sources import check_no_duplicates, locate
+from merging.compute.devices import DEVICE_CHOICES
+from merging.errors import MergingError, OptionError
+from merging.evaluation.evaluator import DEFAULT_SAMPLES
+from merging.experiment.results import RunResults
+from merging.experiment.runner import ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
+from merging.io.outputs import check_outputs, write_or_rescue
+from merging.io.sources import check_no_duplicates, locate
+from merging.methods import METHODS, get_method
 
 
 def nonnegative_int(text: str) -> int:

@@ -24,10 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .errors import CheckpointError
+from merging.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from .families import Layout, Model, ModelFamily, Recipe
+    from merging.families import Layout, Model, ModelFamily, Recipe
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -256,8 +256,8 @@ def open_encoder(source: str | Path, allow_pickle: bool = False) -> EncoderReade
     """
     from dataclasses import replace
 
-    from .families import recognise
-    from .hub import model_folder
+    from merging.families import recognise
+    from merging.io.hub import model_folder
 
     folder = model_folder(str(source), allow_pickle)
     resolved = resolve_source(source) if folder is None else replace(resolve_source(folder), source=str(source))

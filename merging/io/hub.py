@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MergingError
+from merging.errors import MergingError
 
 HF_HUB_PREFIX = "hf-hub:"
 DEFAULT_SIZE_CAP_GB = 4.0  # ViT-L/14 CLIPModel in float32 is 1.7 GB; a cap catches a wrong id early

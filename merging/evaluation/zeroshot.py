@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .backbones import Backbone
-from .disk_cache import DiskCache
-from .tasks import Task
+from merging.evaluation.backbones import Backbone
+from merging.evaluation.tasks import Task
+from merging.io.disk_cache import DiskCache
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ model families and layouts are recognised, every checkpoint matches the pretrain
 so a typo in the fifth path fails in a second, not after four merges. A fine-tuned
 checkpoint is then streamed into its step one parameter at a time (safetensors are
 memory-mapped per parameter), so memory is the method's own: the pretrained and merged
-models. Opening and the step loop are the shared :class:`merging.experiment.Experiment`'s.
+models. Opening and the step loop are the shared :class:`merging.experiment.driver.Experiment`'s.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .checkpoints import EncoderReader
-from .devices import resolve_device
-from .errors import CheckpointError
-from .experiment import Experiment, StateModel
-from .families import ModelFamily
-from .methods import ContinualMerger, create_merger
+from merging.compute.devices import resolve_device
+from merging.errors import CheckpointError
+from merging.experiment.driver import Experiment, StateModel
+from merging.families import ModelFamily
+from merging.io.checkpoints import EncoderReader
+from merging.methods import ContinualMerger, create_merger
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -115,7 +115,7 @@ class ContinualMerge:
             "merging.method": self.method,
             "merging.options": json.dumps(self.merger.config, sort_keys=True),
             "merging.pretrained": self.pretrained,
-            "merging.checkpoints": json.dumps(merged_sources),
+            "merging.io.checkpoints": json.dumps(merged_sources),
         }
         return self.family.save(
             self.merger.merged,

@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import MergingError
-from .tasks import ASSETS
+from merging.errors import MergingError
+from merging.evaluation.tasks import ASSETS
 
 PROJECT = ASSETS.parent
 UPLOAD_PREFIX = "upload:"

@@ -16,9 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import MergingError
+from merging.errors import MergingError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"  # merging/evaluation/tasks.py -> the project
 REGISTRY_FILES = (ASSETS / "tasks.json", ASSETS / "mini" / "tasks.json")
 
 

@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MergingError
-from .evaluation import DEFAULT_SAMPLES
-from .hosting import SourcePolicy
-from .methods import DEFAULT_METHOD, METHODS
-from .results import RunResults
-from .runner import CheckpointSpec, ContinualRun, RunConfig, parse_checkpoint, preset_checkpoints, shuffled
-from .sources import locate, portable
+from merging.errors import MergingError
+from merging.evaluation.evaluator import DEFAULT_SAMPLES
+from merging.experiment.results import RunResults
+from merging.experiment.runner import (
+    CheckpointSpec,
+    ContinualRun,
+    RunConfig,
+    parse_checkpoint,
+    preset_checkpoints,
+    shuffled,
+)
+from merging.io.sources import locate, portable
+from merging.methods import DEFAULT_METHOD, METHODS
+from merging.ui.hosting import SourcePolicy
 
 
 def _located(spec: CheckpointSpec) -> CheckpointSpec:
@@ -148,7 +155,6 @@ SMALL_ENCODER_BYTES = 64 * 2**20  # below this the merged encoders are saved aft
 def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = "hf") -> list[Path]:
     """results.json, a CSV accuracy matrix per method, the replayable config.json and, when
     ``encoders``, each method's current merged encoder as safetensors in layout ``fmt``."""
-    from .families.clip_vit.saving import save_encoder
 
     folder.mkdir(parents=True, exist_ok=True)
     written = run.save(folder / "results.json")
@@ -158,7 +164,8 @@ def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = 
     if encoders:
         for name, merger in run.mergers.items():
             if merger.merged:
-                written += save_encoder(merger.merged, folder / f"merged-{name}.safetensors", fmt, run.backbone.arch)
+                path = folder / f"merged-{name}.safetensors"
+                written += run.experiment.family.save(merger.merged, path, fmt, run.backbone.arch)
     return written
 
 
@@ -233,10 +240,10 @@ def analysis_figures(results: RunResults, layer: str | None = None):
 
     Checkpoints are read lazily, one parameter at a time; the merged encoders come from the
     run's downloads folder."""
-    from . import plots
-    from .analysis import cosine_similarity_matrix, singular_values
-    from .backbones import load_backbone
-    from .checkpoints import open_encoder
+    from merging.analysis import cosine_similarity_matrix, singular_values
+    from merging.evaluation.backbones import load_backbone
+    from merging.io.checkpoints import open_encoder
+    from merging.ui import plots
 
     config = results.config
     completed = results.completed_steps
@@ -253,8 +260,9 @@ def analysis_figures(results: RunResults, layer: str | None = None):
             names.append(f"merged {method}")
     similarity = cosine_similarity_matrix(models, base)
     if layer is None:
-        blocks = sorted({int(k.split(".")[2]) for k in base if k.startswith("transformer.resblocks.")})
-        layer = f"transformer.resblocks.{blocks[-1]}.mlp.c_fc.weight"
+        layer = models[0].family.default_spectrum_label(base)
+        if layer is None:
+            raise MergingError("this model family has no matrices whose spectra could be shown")
     try:
         spectra = {
             name: singular_values(model, layer, base).tolist() for name, model in zip(names, models, strict=True)
@@ -271,7 +279,7 @@ def analysis_figures(results: RunResults, layer: str | None = None):
 
 
 def _hub_repo(repo_id: str, token: str) -> str:
-    from .hub import HubError, parse_hub_id
+    from merging.io.hub import HubError, parse_hub_id
 
     try:
         ref = parse_hub_id("hf-hub:" + repo_id.strip()) if repo_id.strip() else None

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import MergingError
+from merging.errors import MergingError
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""Compute resources: devices, the thread budget shared by concurrent runs, parallel maps."""

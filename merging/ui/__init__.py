@@ -1,0 +1,1 @@
+"""The app's library side: lab sessions, figures and hosting rules (app.py only wires them to Gradio)."""
