@@ -48,3 +48,18 @@ def test_the_readme_screenshot_is_a_full_page_capture_of_the_lab():
         colours = image.convert("RGB").resize((width // 4, height // 4)).getcolors(maxcolors=1 << 20)
     # plots, a heatmap and text make thousands of colours; a blank or one-colour page has a few
     assert colours is not None and len(colours) > 1000, len(colours or ())
+
+
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+PATH_MENTION = re.compile(r"`((?:merging|tests|benchmarks|scripts)/[\w/.]*)`")
+
+
+def test_every_path_the_architecture_page_names_exists_and_every_package_is_described():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    named = set(PATH_MENTION.findall(text))
+    assert len(named) >= 10
+    missing = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
+    assert not missing, f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
+    packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "merging").glob("*/__init__.py")}
+    undescribed = sorted(p for p in packages if f"`{p}/`" not in text)
+    assert not undescribed, f"docs/ARCHITECTURE.md does not describe the packages {undescribed}"
