@@ -142,3 +142,15 @@ def test_a_method_that_reports_undeclared_diagnostics_fails_loudly():
     merger.start({"w": torch.zeros(2, 2)})
     with pytest.raises(TypeError, match="does not declare"):
         merger.step({"w": torch.ones(2, 2)})
+
+
+def test_a_plugin_that_fails_to_import_is_named_and_the_registry_is_not_left_half_loaded(monkeypatch):
+    from merging.errors import OptionError
+    from merging.methods import MethodRegistry
+
+    registry = MethodRegistry()
+    monkeypatch.setenv("MERGING_METHOD_MODULES", "no_such_method_module")
+    with pytest.raises(OptionError, match="cannot import method module 'no_such_method_module'"):
+        list(registry)
+    monkeypatch.delenv("MERGING_METHOD_MODULES")
+    assert list(registry) == list(METHODS)  # retried on the next use, complete

@@ -40,6 +40,7 @@ class MethodRegistry(Mapping[str, type[ContinualMerger]]):
     def __init__(self) -> None:
         self._classes: dict[str, type[ContinualMerger]] = {}
         self._loaded = False
+        self._loading = False  # the loading thread re-entering (a module that consults the registry)
         self._lock = threading.RLock()
 
     def register(self, cls: type[ContinualMerger]) -> type[ContinualMerger]:
@@ -54,30 +55,36 @@ class MethodRegistry(Mapping[str, type[ContinualMerger]]):
     def _load(self) -> None:
         if self._loaded:
             return
-        with self._lock:
-            if self._loaded:
+        with self._lock:  # other threads wait here until the registry is complete
+            if self._loaded or self._loading:
                 return
-            self._loaded = True  # set first: modules that call register() re-enter
-            found: dict[str, type[ContinualMerger]] = {}
-            for module in _package_modules():
+            self._loading = True
+            try:
+                self._discover()
+                self._loaded = True  # only once complete: a failed import is retried, not left half-loaded
+            finally:
+                self._loading = False
+
+    def _discover(self) -> None:
+        """Import the package's method modules, the plug-in modules and entry points; register what they define."""
+        found: dict[str, type[ContinualMerger]] = {}
+        for module in _package_modules():
+            found.update(_methods_in(import_module(module)))
+        for module in _plugin_modules():
+            try:
                 found.update(_methods_in(import_module(module)))
-            for module in _plugin_modules():
-                try:
-                    found.update(_methods_in(import_module(module)))
-                except ImportError as exc:
-                    raise OptionError(
-                        f"cannot import method module {module!r} (from {PLUGIN_VARIABLE}): {exc}"
-                    ) from None
-            for entry in entry_points(group=ENTRY_POINT_GROUP):
-                loaded = entry.load()
-                found.update(_methods_in(loaded) if inspect.ismodule(loaded) else {loaded.name: loaded})
-            ordered = [n for n in BUILTIN_ORDER if n in found] + [n for n in found if n not in BUILTIN_ORDER]
-            explicit = dict(self._classes)
-            self._classes = {}
-            for name in ordered:
-                self.register(found[name])
-            for cls in explicit.values():
-                self.register(cls)
+            except ImportError as exc:
+                raise OptionError(f"cannot import method module {module!r} (from {PLUGIN_VARIABLE}): {exc}") from None
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            loaded = entry.load()
+            found.update(_methods_in(loaded) if inspect.ismodule(loaded) else {loaded.name: loaded})
+        ordered = [n for n in BUILTIN_ORDER if n in found] + [n for n in found if n not in BUILTIN_ORDER]
+        explicit = dict(self._classes)
+        self._classes = {}
+        for name in ordered:
+            self.register(found[name])
+        for cls in explicit.values():
+            self.register(cls)
 
     def __getitem__(self, name: str) -> type[ContinualMerger]:
         self._load()
