@@ -7,7 +7,21 @@ import math
 import pytest
 import torch
 
+from merging.evaluation.backbones import load_backbone
+from merging.evaluation.evaluator import Evaluator
+from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
 from merging.families.clip_vit.matrices import matrix_views
+from merging.methods import METHODS
+from scripts.minibench.report import (
+    ORDERS_VARIABLE,
+    OTMF_VARIANTS,
+    OrderRuns,
+    Series,
+    checks,
+    compare,
+    order_seeds,
+    real_results,
+)
 from scripts.minibench.statistics import (
     ALL_MATRICES,
     MARCZAK_COSINE,
@@ -198,3 +212,76 @@ def test_published_values_are_what_the_papers_show():
     for name in ("relative_norm", "stable_rank", "overlap_left", "sar_merged"):
         assert published[name].value is None and published[name].source
     assert all(p.text and p.source for p in PUBLISHED)
+
+
+# ---------------------------------------------------------------- the report built on them
+
+
+def synthetic_runs(magmax: list[float]) -> OrderRuns:
+    """Two orders of mini-8 with chosen ACCs: zero-shot 50 %, fine-tuned 90 % on every task."""
+    tasks = [f"t{i}" for i in range(8)]
+    chosen = {"opcm": [76.0, 78.0], "task_arithmetic": [69.0, 70.0], "weight_average": [70.0, 70.0], "magmax": magmax}
+    methods = {
+        name: Series(acc=chosen.get(name, [60.0, 60.0]), bwt=[-5.0, -7.0]) for name in METHODS
+    }  # the registry: every method has a row
+    return OrderRuns(
+        preset="mini-8",
+        seeds=(42, 43),
+        methods=methods,
+        otmf={name: Series(acc=[60.0, 61.0], bwt=[-1.0, -2.0]) for name in OTMF_VARIANTS},
+        reference={"pretrained": dict.fromkeys(tasks, 0.5), "finetuned": dict.fromkeys(tasks, 0.9)},
+        head_tuning={},
+        seconds=[1.0, 1.0],
+    )
+
+
+def test_comparison_with_the_real_benchmark():
+    real = real_results()
+    data = compare(synthetic_runs(magmax=[71.0, 73.0]), real)
+    assert data["pretrained_mean"] == pytest.approx(50.0) and data["finetuned_mean"] == pytest.approx(90.0)
+    opcm = data["methods"]["opcm"]
+    assert opcm["acc_mean"] == pytest.approx(77.0) and opcm["acc_std"] == pytest.approx(math.sqrt(2))
+    assert opcm["normalised"] == pytest.approx(27 / 40)
+    assert opcm["real_acc"] == 75.5 and opcm["real_normalised"] == pytest.approx((75.5 - 48.1) / (90.4 - 48.1))
+    ta = data["methods"]["task_arithmetic"]
+    assert ta["published_name"] == "continual_task_arithmetic" and ta["real_acc"] == 67.5
+    assert data["methods"]["otmf"]["real_acc"] is None  # OTMF is not in the published table
+    assert data["gap"]["mini"] == pytest.approx(77.0 - 72.0) and data["gap"]["mini_best_baseline"] == "magmax"
+    assert data["gap"]["mini_per_order"] == pytest.approx([5.0, 5.0])
+    assert data["gap"]["real"] == pytest.approx(75.5 - 70.7) and data["gap"]["real_best_baseline"] == "magmax"
+    reference12 = {"finetuned": dict.fromkeys(range(12), 0.95)}
+    passed = checks({"mini-8": data}, reference12)
+    assert all(passed.values()), passed
+    # OPCM only 2 points ahead of MagMax: the gap goal fails and says so
+    worse = checks({"mini-8": compare(synthetic_runs(magmax=[75.0, 75.0]), real)}, reference12)
+    assert [name for name, ok in worse.items() if not ok] == [
+        "goal (mini-8): OPCM beats the best of C-TA/WA/MagMax by >= 3 points"
+    ]
+    weak = checks({"mini-8": data}, {"finetuned": {**reference12["finetuned"], 11: 0.89}})
+    assert not weak["every fine-tuned model >= 90% on its own task (all 12 tasks)"]
+
+
+def test_order_seeds_are_the_papers(monkeypatch):
+    monkeypatch.delenv(ORDERS_VARIABLE, raising=False)
+    assert order_seeds() == tuple(range(42, 52))
+    assert order_seeds(3) == (42, 43, 44)
+    monkeypatch.setenv(ORDERS_VARIABLE, "2")  # the build's --report-only honours it
+    assert order_seeds() == (42, 43)
+    with pytest.raises(ValueError):
+        order_seeds(11)
+
+
+def test_otmf_default_equals_the_zero_shot_heads_of_a_head_tuning_run(tmp_path):
+    """The report reads default OTMF from a head-tuning run's zero-shot-head column: they must be equal."""
+    checkpoints = preset_checkpoints("mini-8")[:3]
+    evaluator = Evaluator(load_backbone("mini"), "cpu", samples=48, cache_dir=tmp_path)
+    quick = {"steps": 4, "batch_size": 8, "head_steps": 10}
+    runs = {}
+    for name, extra in (("default", {}), ("tuned", {"head_tuning": "on"})):
+        config = RunConfig(checkpoints=checkpoints, methods={"otmf": {**quick, **extra}}, samples=48, device="cpu")
+        runs[name] = ContinualRun(config, evaluator, cache_dir=tmp_path).run().methods["otmf"]
+    default, tuned = runs["default"], runs["tuned"]
+    assert not default.has_zeroshot_heads and tuned.has_zeroshot_heads
+    assert tuned.matrix(zeroshot_heads=True) == default.matrix()
+    assert tuned.acc_zeroshot_head == default.acc and tuned.bwt_zeroshot_head == default.bwt
+    assert tuned.matrix() != default.matrix()  # the tuned heads do change what is measured
