@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from merging.evaluation.tasks import registry
-from scripts.minibench.build import MINI_8, draw_split
+from scripts.minibench.build import MINI_8, TASK_STYLE_IN_PRETRAINING, draw_split, jpeg
 from scripts.minibench.generators import TASKS, digit_split
 
 
@@ -40,3 +40,57 @@ def test_registry_matches_the_generators():
         task = tasks.get(spec.name)
         assert task.classnames == spec.classnames and task.templates == spec.templates
         assert task.dataset.is_local and task.checkpoint_path.is_dir()
+
+
+def test_low_resolution_tasks_ship_upscaled_images_and_the_web_corpus_does_not():
+    """acquire() averages down to the task's capture size and upscales back: the result has at most
+    native² degrees of freedom, so its fine detail is gone; full-resolution tasks pass unchanged."""
+    from PIL import Image
+
+    from scripts.minibench.generators import SIZE, acquire
+
+    rng = np.random.default_rng(0)
+    sharp = Image.fromarray(rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8))
+    assert acquire(sharp, SIZE) is sharp
+    blurred = np.asarray(acquire(sharp, 16), dtype=np.float32)
+    assert blurred.shape == (SIZE, SIZE, 3)
+    # Neighbouring pixels of the upscaled image are far closer than those of white noise.
+    assert np.abs(np.diff(blurred, axis=0)).mean() < 0.6 * np.abs(np.diff(np.asarray(sharp, np.float32), axis=0)).mean()
+    low = [spec for spec in TASKS if spec.native < SIZE]
+    assert {spec.mirrors for spec in low} == {"mnist", "svhn", "emnist_letters", "gtsrb", "eurosat"}
+    spec = low[0]
+    # draw_split's task images are exactly the drawings captured at the task's resolution (then
+    # stored as JPEG); the web corpus's are the drawings themselves, even in the task's style.
+    rng = np.random.default_rng(3)
+    labels = np.arange(4) % len(spec.classnames)
+    rng.shuffle(labels)
+    expected = [jpeg_round_trip(acquire(spec.draw(rng, int(label), "task"), spec.native)) for label in labels]
+    task, _ = draw_split(spec, "task", 4, seed=3)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(task, expected, strict=True))
+    rng = np.random.default_rng(3)
+    labels = np.arange(4) % len(spec.classnames)
+    rng.shuffle(labels)
+    expected = []
+    for label in labels:
+        style = "task" if rng.random() < TASK_STYLE_IN_PRETRAINING else "web"
+        expected.append(jpeg_round_trip(spec.draw(rng, int(label), style)))
+    web, _ = draw_split(spec, "web", 4, seed=3)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(web, expected, strict=True))
+
+
+def jpeg_round_trip(image):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(jpeg(image))).convert("RGB")
+
+
+def test_counting_objects_never_overlap_and_every_count_is_drawn():
+    from scripts.minibench.generators import COUNTS, draw_count
+
+    rng = np.random.default_rng(1)
+    for label in range(len(COUNTS)):
+        for domain in ("task", "web"):
+            image = draw_count(rng, label, domain)
+            assert image.size == (32, 32)

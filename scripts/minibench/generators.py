@@ -39,6 +39,10 @@ class TaskSpec:
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
     draw: Draw
+    # The side at which the benchmark's own images were captured before being upscaled to
+    # SIZE, as the real low-resolution datasets (MNIST 28 px, SVHN and GTSRB ~32 px, EuroSAT
+    # 64 px) are upscaled to CLIP's 224 px; SIZE means captured at full resolution.
+    native: int = SIZE
 
 
 # ---------------------------------------------------------------- helpers
@@ -75,6 +79,18 @@ def _background(rng: np.random.Generator, domain: str) -> Image.Image:
     noise = rng.normal(0, 40, size=(BIG // 8, BIG // 8, 3)) + np.array(base)
     small = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
     return small.resize((BIG, BIG), Image.BICUBIC)
+
+
+def acquire(image: Image.Image, native: int) -> Image.Image:
+    """The image as a low-resolution benchmark ships it: captured at ``native`` px, upscaled to SIZE.
+
+    Capture averages over the sensor's pixels (box filter); the upscaling is CLIP's bicubic
+    preprocessing resize. Only benchmark images go through it, never the web corpus, so every
+    low-resolution task shares the same shift away from pretraining, as the real ones do.
+    """
+    if native >= SIZE:
+        return image
+    return image.resize((native, native), Image.BOX).resize((SIZE, SIZE), Image.BICUBIC)
 
 
 def _finish(image: Image.Image, rng: np.random.Generator, noise: float = 6.0) -> Image.Image:
@@ -524,14 +540,24 @@ COUNTS = ("one", "two", "three", "four", "five")
 
 
 def draw_count(rng: np.random.Generator, label: int, domain: str) -> Image.Image:
-    """``label + 1`` small objects scattered without overlap (CLEVR-count-like)."""
-    image = _background(rng, domain)
+    """``label + 1`` objects scattered without overlap (CLEVR-count-like).
+
+    The benchmark's own images are rendered like CLEVR's: a grey floor lit from above (a soft
+    vertical gradient) with objects of varied colours, so that objects, not the clutter of
+    the background, are what varies; the web domain keeps the shared varied backgrounds.
+    """
+    if domain == "task":
+        top, bottom = float(rng.uniform(150, 190)), float(rng.uniform(90, 130))
+        rows = np.linspace(top, bottom, BIG, dtype=np.float32)[:, None, None]
+        image = Image.fromarray(np.broadcast_to(rows, (BIG, BIG, 3)).astype(np.uint8))
+    else:
+        image = _background(rng, domain)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[float, float]] = []
-    r = 15 if domain == "task" else 16
+    r, spacing = (16, 2.4) if domain == "task" else (16, 2.2)
     while len(placed) < label + 1:
         p = (rng.uniform(r + 2, BIG - r - 2), rng.uniform(r + 2, BIG - r - 2))
-        if all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 > (2.2 * r) ** 2 for q in placed):
+        if all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 > (spacing * r) ** 2 for q in placed):
             placed.append(p)
     background = tuple(int(c) for c in np.asarray(image).mean(axis=(0, 1)))
     for p in placed:
@@ -635,6 +661,7 @@ TASKS: tuple[TaskSpec, ...] = (
         tuple(str(i) for i in range(10)),
         ('a photo of the number: "{}".', "a handwritten digit {}."),
         draw_handwritten_digit,
+        native=16,
     ),
     TaskSpec(
         "mini-house-numbers",
@@ -642,6 +669,7 @@ TASKS: tuple[TaskSpec, ...] = (
         tuple(str(i) for i in range(10)),
         ('a photo of the number: "{}".', "a street number {} on a wall."),
         draw_house_number,
+        native=16,
     ),
     TaskSpec(
         "mini-letters",
@@ -649,6 +677,7 @@ TASKS: tuple[TaskSpec, ...] = (
         LETTERS,
         ('a photo of the letter: "{}".', 'the letter "{}" written by hand.'),
         draw_letter,
+        native=16,
     ),
     TaskSpec(
         "mini-traffic-signs",
@@ -660,6 +689,7 @@ TASKS: tuple[TaskSpec, ...] = (
             'a close up photo of a "{}" traffic sign.',
         ),
         draw_traffic_sign,
+        native=16,
     ),
     TaskSpec(
         "mini-textures",
@@ -678,6 +708,7 @@ TASKS: tuple[TaskSpec, ...] = (
             "a centered satellite photo of the {}.",
         ),
         draw_land_cover,
+        native=16,
     ),
     TaskSpec("mini-shapes", "(shapes)", SHAPES, ("a drawing of a {}.", "a photo of a {} shape."), draw_shape),
     TaskSpec(
