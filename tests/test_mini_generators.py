@@ -94,3 +94,7 @@ def test_counting_objects_never_overlap_and_every_count_is_drawn():
         for domain in ("task", "web"):
             image = draw_count(rng, label, domain)
             assert image.size == (32, 32)
+    # Random sequential placement can jam (no room left for the last objects): the build once hung
+    # there on the 10,000th draw. A jammed layout starts over, so many draws of five always finish.
+    for _ in range(1500):
+        draw_count(rng, len(COUNTS) - 1, "task")

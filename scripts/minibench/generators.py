@@ -555,7 +555,11 @@ def draw_count(rng: np.random.Generator, label: int, domain: str) -> Image.Image
     draw = ImageDraw.Draw(image)
     placed: list[tuple[float, float]] = []
     r, spacing = (16, 2.4) if domain == "task" else (16, 2.2)
+    attempts = 0
     while len(placed) < label + 1:
+        attempts += 1
+        if attempts > 500:  # the objects placed so far leave no room for the rest: start over
+            placed, attempts = [], 0
         p = (rng.uniform(r + 2, BIG - r - 2), rng.uniform(r + 2, BIG - r - 2))
         if all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 > (spacing * r) ** 2 for q in placed):
             placed.append(p)
