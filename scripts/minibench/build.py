@@ -192,11 +192,22 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ models
 
 
-def create_model(base: Path):
+def model_config(width: int = 96, layers: int = 4) -> dict:
+    """MODEL_CONFIG with another image-tower width and depth (heads stay 16 wide).
+
+    The width sets how much room the fine-tunes have: a task matrix of the default tower uses
+    a quarter to a half of its 96 directions (``scripts/minibench/diagnose.py``).
+    """
+    config = json.loads(json.dumps(MODEL_CONFIG))
+    config["model_cfg"]["vision_cfg"].update(width=width, layers=layers)
+    return config
+
+
+def create_model(base: Path, config: dict = MODEL_CONFIG):
     import open_clip
 
     base.mkdir(parents=True, exist_ok=True)
-    (base / "open_clip_config.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    (base / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     model = open_clip.create_model(f"local-dir:{base}", load_weights=False)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{base}")
     return model, tokenizer
@@ -295,7 +306,14 @@ def storage_rounding(state: dict[str, torch.Tensor], pretrained: dict[str, torch
 
 
 def build(
-    out: Path, seed: int, pretrain_epochs: int, finetune_epochs: int, noise: float, reuse_base: bool = False
+    out: Path,
+    seed: int,
+    pretrain_epochs: int,
+    finetune_epochs: int,
+    noise: float,
+    reuse_base: bool = False,
+    width: int = 96,
+    layers: int = 4,
 ) -> dict:
     """Draw the datasets, pretrain the tiny CLIP, fine-tune one image encoder per task.
 
@@ -329,14 +347,18 @@ def build(
     from safetensors.torch import load_file, save_file
 
     base = out / "base"
-    model, tokenizer = create_model(base)
+    config = model_config(width, layers)
+    model, tokenizer = create_model(base, config)
     if previous is not None:
         recipe = previous.get("recipe", {})
-        if (recipe.get("seed"), recipe.get("pretrain_epochs"), recipe.get("caption_noise")) != (
-            seed,
-            pretrain_epochs,
-            noise,
-        ):
+        previous_recipe = (
+            recipe.get("seed"),
+            recipe.get("pretrain_epochs"),
+            recipe.get("caption_noise"),
+            recipe.get("vision_width", 96),
+            recipe.get("vision_layers", 4),
+        )
+        if previous_recipe != (seed, pretrain_epochs, noise, width, layers):
             raise SystemExit("--reuse-base: the previous build used a different seed or pretraining recipe")
         model.load_state_dict(load_file(str(base / "open_clip_model.safetensors")))
         model.eval()
@@ -349,7 +371,7 @@ def build(
     finetune_started = time.time()
     arch = VisionArch.from_shapes(
         {k: tuple(v.shape) for k, v in model.visual.state_dict().items()},
-        **VisionArch.hints_from_open_clip_config(MODEL_CONFIG),
+        **VisionArch.hints_from_open_clip_config(config),
     )
     logit_scale = float(model.logit_scale.exp())
     pretrained_visual = {k: v.detach().clone() for k, v in model.visual.state_dict().items() if k != "proj"}
@@ -361,6 +383,8 @@ def build(
         "recipe": {
             "seed": seed,
             "pretrain_epochs": pretrain_epochs,
+            "vision_width": width,
+            "vision_layers": layers,
             "caption_noise": noise,
             "task_style": TASK_STYLE_IN_PRETRAINING,
             "finetune_epochs": finetune_epochs,
@@ -443,6 +467,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--caption-noise", type=float, default=0.3)
+    parser.add_argument("--width", type=int, default=96, help="image-tower width (a multiple of 16)")
+    parser.add_argument("--layers", type=int, default=4, help="image-tower blocks")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--report-only", action="store_true", help="only re-measure and rewrite README.md")
     parser.add_argument(
@@ -459,7 +485,14 @@ def main() -> None:
         report = json.loads((args.out / "build_report.json").read_text())
     else:
         report = build(
-            args.out, args.seed, args.pretrain_epochs, args.finetune_epochs, args.caption_noise, args.reuse_base
+            args.out,
+            args.seed,
+            args.pretrain_epochs,
+            args.finetune_epochs,
+            args.caption_noise,
+            args.reuse_base,
+            args.width,
+            args.layers,
         )
         (args.out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
     measured = write_report(args.out, report)
