@@ -67,3 +67,24 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     noise = rng.normal(size=(400, 5))
     labels = rng.integers(0, 2, 400)
     assert linear_probe((noise[:200], labels[:200]), (noise[200:], labels[200:])) < 0.7
+
+
+def test_opcm_projection_removes_nothing_of_orthogonal_tasks_and_reports_sqrt_t():
+    """Task vectors living in disjoint rows and columns: OPCM's projection has nothing to remove
+    and λ(t) = √t, the regime the diagnostics recognise as 'OPCM acts as task arithmetic'."""
+    from scripts.minibench.diagnose import opcm_projection
+
+    pre = {"layers.0.weight": torch.zeros(8, 8), "layers.0.bias": torch.zeros(8)}
+    tuned = []
+    for t in range(3):
+        weight = torch.zeros(8, 8)
+        weight[2 * t, 2 * t + 1] = 1.0
+        tuned.append({"layers.0.weight": weight, "layers.0.bias": torch.zeros(8)})
+    result = opcm_projection(pre, tuned)
+    assert result["removed_share"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert result["lambda"] == pytest.approx([1.0, math.sqrt(2), math.sqrt(3)], rel=1e-5)
+    shared = [
+        {"layers.0.weight": torch.eye(8) + (t + 1) * 0.1 * torch.ones(8, 8), "layers.0.bias": torch.zeros(8)}
+        for t in range(2)
+    ]
+    assert opcm_projection(pre, shared)["removed_share"][1] > 0.1  # a shared leading direction is removed

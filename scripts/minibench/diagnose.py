@@ -17,6 +17,10 @@ measurements say *why not*, each one a property of the fine-tunes that a method 
 - **Weight-decay share**: cos(τ_t, −θ0) over the matrix parameters. AdamW's decoupled decay
   moves every fine-tune towards −θ0 by lr·wd per step: a full-rank direction shared by all
   task vectors that no task asked for.
+- **What OPCM's projection removes**: the share of each new task vector's norm that OPCM's
+  projection takes away, and its rescaling λ(t), in the preset's order. A small share with
+  λ(t) ≈ √t means OPCM acts as task arithmetic with λ = 1/√t: its projection finds little of
+  the new task in the merged model's leading directions, so there is little to protect.
 - **Width used per task**: per layer type, the number of singular directions holding 95 % of
   a task matrix's energy (Σσ²), as a share of the matrix's smaller side. Projection methods
   (OPCM) need room: when one task already fills a large share of the width, a few tasks
@@ -105,6 +109,16 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
     return float(head.score(*test))
 
 
+def opcm_projection(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]]) -> dict:
+    """OPCM (default options) over ``finetuned`` in order: per step the removed share and λ(t)."""
+    from merging.methods import METHODS
+
+    merger = METHODS["opcm"]()
+    merger.start(pretrained)
+    steps = [merger.step(state).diagnostics for state in finetuned]
+    return {"removed_share": [d["removed_share"] for d in steps], "lambda": [d["lambda"] for d in steps]}
+
+
 def diagnose(preset: str = "mini-8") -> dict:
     """Every diagnostic of the module docstring for the shipped preset (its tasks in registry order)."""
     from merging.evaluation.backbones import load_backbone
@@ -157,6 +171,7 @@ def diagnose(preset: str = "mini-8") -> dict:
         "single_task_curve": curve,
         "linear_probe": probe,
         "decay_share": {name: decay_share(pretrained, state, matrix_keys) for name, state in finetuned.items()},
+        "opcm": opcm_projection({k: pretrained[k] for k in shared}, list(finetuned.values())),
         "width_share": width_share_by_type(pretrained, list(finetuned.values()), family.matrix_views, layer_type),
     }
 
@@ -191,7 +206,16 @@ def markdown(result: dict) -> str:
         + " | ".join(f"{mean(curve.values()):.2f}" for curve in result["single_task_curve"].values())
         + f" | {mean(result['decay_share'].values()):.3f} |"
     )
+    opcm = result["opcm"]
     lines += [
+        "",
+        "OPCM (default options, this order): share of each new task vector removed by the projection "
+        + ", ".join(f"{100 * r:.1f} %" for r in opcm["removed_share"][1:])
+        + "; λ(t) "
+        + ", ".join(f"{v:.2f}" for v in opcm["lambda"])
+        + " (√t: "
+        + ", ".join(f"{math.sqrt(t):.2f}" for t in range(1, len(opcm["lambda"]) + 1))
+        + ").",
         "",
         f"Width used per task: the share of a task matrix's smaller side that holds {ENERGY:.0%} of its energy.",
         "",
