@@ -266,7 +266,7 @@ class LabHandlers:
         size = path.stat().st_size
         if size > max_upload_bytes():
             raise MergingError(
-                f"{path.name} is {size / 2**20:.0f} MiB, over the {max_upload_bytes() / 2**20:.0f} MiB upload limit"
+                f"{path.name} is {size / 2**20:.1f} MiB, over the {max_upload_bytes() / 2**20:g} MiB upload limit"
             )
         name = safe_upload_name(path.name)
         target = self.workspaces.uploads(session_of(request)) / name

@@ -16,7 +16,7 @@ from merging.evaluation.tasks import ASSETS
 from merging.experiment.runner import ContinualRun
 
 MINI = ASSETS / "mini" / "checkpoints"
-DIGITS, LETTERS, SHAPES = (str(MINI / t) for t in ("mini-digits", "mini-letters", "mini-shapes"))
+DIGITS, LETTERS, TEXTURES = (str(MINI / t) for t in ("mini-digits", "mini-letters", "mini-textures"))
 PROJECT = ASSETS.parent
 
 
@@ -116,7 +116,7 @@ def test_results_that_cannot_be_written_at_the_end_are_rescued(tmp_path, capsys,
 
 def test_swapped_task_labels_get_a_warning_in_the_output_and_the_results(tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = ["run", "--checkpoint", f"{DIGITS}=mini-shapes", "--checkpoint", f"{SHAPES}=mini-digits"]
+    argv = ["run", "--checkpoint", f"{DIGITS}=mini-textures", "--checkpoint", f"{TEXTURES}=mini-digits"]
     assert main([*argv, "--method", "task_arithmetic", "--samples", "48", "--device", "cpu", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     warnings = json.loads(out.read_text())["warnings"]

@@ -246,7 +246,8 @@ def test_on_the_mini_benchmark_the_loss_decreases_and_heads_are_reported(tmp_pat
         for name in ("loss_pre", "loss_post"):
             curve = diagnostics[name]
             assert len(curve) == 30
-            assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5, (name, curve)
+            # single batches of 16 make each loss noisy: compare the first and last thirds of the updates
+            assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10, (name, curve)
         assert diagnostics["masks"]["post"]["std"] > 0 and step["memory_increase_bytes"] is not None
     tuned = [[h["task"] for h in s["diagnostics"]["head_tuning"]] for s in data["steps"]]
     assert tuned == [[], [checkpoints[0].task], [checkpoints[1].task, checkpoints[2].task]]

@@ -83,7 +83,8 @@ def test_the_documented_method_runs_through_the_command_line(toy_module, tmp_pat
     merged = load_encoder(merged_path)
     key = next(k for k in merged if k.endswith("mlp.c_fc.weight"))
     expected = states[0][key].float().lerp(states[1][key].float(), 0.25).lerp(states[2][key].float(), 0.25)
-    torch.testing.assert_close(merged[key].float(), expected)
+    # the output keeps the checkpoints' dtype (the mini's are float16): compare at that precision
+    torch.testing.assert_close(merged[key], expected.to(merged[key].dtype))
 
     # a bad option value is refused in one line, naming the method and the option
     done = cli([*args, "--opt", "beta=2", "--out", str(tmp_path / "bad.json")], toy_module, tmp_path / "cache")

@@ -422,7 +422,8 @@ def _recipe_lines(build: dict, config: dict) -> list[str]:
             "layout (config.json + model.safetensors), like `tanganke/clip-vit-*_<task>`: only the image tower "
             f"trains, with the task's zero-shot head and the projection frozen ({recipe['finetune_epochs']} epochs "
             f"over {recipe['finetune_images']:,} freshly drawn images, AdamW, one-cycle lr "
-            f"{recipe['finetune_lr']:g}).",
+            f"{recipe['finetune_lr']:g}{_decay(recipe)}){_storage(build)}.",
+            *_capture_lines(recipe),
         ]
     except (KeyError, TypeError, ValueError):
         listed = ", ".join(f"{k} {v}" for k, v in recipe.items()) or "see build_report.json"
@@ -431,6 +432,46 @@ def _recipe_lines(build: dict, config: dict) -> list[str]:
             "- `checkpoints/<task>/`: the image encoder fine-tuned on each task in the Hugging Face CLIPVisionModel "
             f"layout (config.json + model.safetensors), like `tanganke/clip-vit-*_<task>`. Recipe: {listed}.",
         ]
+
+
+def _decay(recipe: dict) -> str:
+    """The fine-tuning weight decay, for builds that record it (older ones used 0.1)."""
+    if "finetune_weight_decay" not in recipe:
+        return ""
+    decay = recipe["finetune_weight_decay"]
+    return f", weight decay {decay:g} (lr · wd = {recipe['finetune_lr'] * decay:.0e} per step, as in the real recipe)"
+
+
+def _storage(build: dict) -> str:
+    rounding = build.get("storage_rounding")
+    dtype = build.get("recipe", {}).get("checkpoint_dtype")
+    if not rounding or not dtype:
+        return ""
+    return (
+        f"; stored in {dtype}, which moves each task vector by at most {100 * max(rounding.values()):.1f} % of its norm"
+    )
+
+
+def _capture_lines(recipe: dict) -> list[str]:
+    """Which tasks' benchmark images are captured at low resolution, and the train split's size."""
+    lines = []
+    native = recipe.get("native_resolution") or {}
+    low = {task: side for task, side in native.items() if side < 32}
+    if low:
+        sides = sorted(set(low.values()))
+        lines.append(
+            "- The benchmark images of "
+            + ", ".join(low)
+            + f" are captured at {'/'.join(map(str, sides))} px and upscaled to 32 px, as the real low-resolution "
+            "datasets (MNIST, SVHN, GTSRB, EuroSAT, EMNIST) are upscaled to CLIP's 224 px; the pretraining images "
+            "are not."
+        )
+    if "train_per_class" in recipe:
+        lines.append(
+            f"- Train splits hold {recipe['train_per_class']} labelled images per class, so OTMF's head tuning "
+            f"(25 % of the split) gets {recipe['train_per_class'] // 4} per class."
+        )
+    return lines
 
 
 def _what_it_is(out: Path, build: dict) -> list[str]:
@@ -684,6 +725,11 @@ def readme(out: Path, build: dict, measured: dict[str, Any]) -> str:
         "",
         f"Lowest fine-tuned accuracy on its own task (measured by the lab's evaluator): {lowest}, "
         f"{finetuned[lowest]:.1%}.",
+        *(
+            ["Why the methods rank as they do here: `DIAGNOSIS.md` (`python -m scripts.minibench.diagnose`)."]
+            if (out / "DIAGNOSIS.md").exists()
+            else []
+        ),
         f"This report took {timing['total'] / 60:.1f} min on {measured['threads']} thread(s) ("
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timing.items() if k != "total")
         + "); the numbers are also in `report.json`.",
@@ -704,10 +750,17 @@ def main() -> None:
         "--write-to", type=Path, default=None, help="where README.md and report.json go (default --out)"
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite README.md from the measured report.json, measuring nothing"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     build = json.loads((args.out / "build_report.json").read_text())
+    if args.render_only:
+        measured = json.loads((args.out / "report.json").read_text())
+        ((args.write_to or args.out) / "README.md").write_text(readme(args.out, build, measured))
+        return
     measured = write_report(args.out, build, order_seeds(args.orders), args.presets, args.write_to)
     print(json.dumps({"acc": measured["acc"], "checks": measured["checks"], "seconds": measured["seconds"]}, indent=1))
 
