@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scripts.minibench.statistics import energy_rank
+
 ROOT = Path(__file__).resolve().parents[2]
 SCALES = (0.125, 0.3, 0.354, 0.5)
 ENERGY = 0.95
@@ -71,13 +73,12 @@ def decay_share(pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor
 
 
 def width_share(matrix: Tensor, energy: float = ENERGY) -> float:
-    """The fewest singular directions holding ``energy`` of Σσ², as a share of min(matrix.shape)."""
-    values = torch.linalg.svdvals(matrix.double()).square()
-    total = float(values.sum())
-    if total == 0:
-        return 0.0
-    rank = int(torch.searchsorted(torch.cumsum(values, 0) / total, torch.tensor(energy, dtype=torch.float64))) + 1
-    return min(rank, values.numel()) / min(matrix.shape)
+    """The fewest singular directions holding ``energy`` of Σσ², as a share of min(matrix.shape).
+
+    The statistics' energy rank keeps a tail of at most ε² of the energy, so ε² = 1 − ``energy``.
+    """
+    rank = energy_rank(torch.linalg.svdvals(matrix.double()), math.sqrt(1 - energy))
+    return rank / min(matrix.shape)
 
 
 def width_share_by_type(
