@@ -176,6 +176,10 @@ class ModelFamily(ABC):
     def get_matrix(self, state: Mapping[str, Tensor], label: str) -> Tensor:
         """The matrix a label names (any 2-D parameter can be named by its key)."""
 
+    def matrix_type(self, label: str) -> str:
+        """The layer type of a matrix, for per-type summaries: the label without its block numbers."""
+        return ".".join(part for part in label.split(".") if not part.isdigit())
+
     def default_spectrum_label(self, keys: Iterable[str]) -> str | None:
         """The matrix whose spectrum the analysis shows when none is chosen (the last one by default)."""
         labels = self.matrix_labels(keys)

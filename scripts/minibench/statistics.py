@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,35 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from merging.families.clip_vit.matrices import matrix_type as layer_type
+
 DEFAULT_K = 8
 SAR_EPSILON = 0.05  # Marczak et al. (2025), Eq. (6): keep the components holding 95 % of the energy
 LAYER_TYPES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.c_fc", "mlp.c_proj")
 ALL_MATRICES = "all matrices"
 
 MatrixViews = Callable[[str, Tensor], list[tuple[str, Tensor]]]
-
-_TYPE_PATTERNS = (
-    (re.compile(r"attn\.in_proj_weight\[(?P<part>[qkv])\]$"), None),
-    (re.compile(r"attn\.out_proj\.weight$"), "attn.out"),
-    (re.compile(r"mlp\.c_fc\.weight$"), "mlp.c_fc"),
-    (re.compile(r"mlp\.c_proj\.weight$"), "mlp.c_proj"),
-)
-
-
-def layer_type(label: str) -> str:
-    """The layer type of a matrix label: ``attn.q`` … ``mlp.c_proj`` for CLIP ViT, else the label's tail.
-
-    Statistics are averaged per type because the types play different roles (attention
-    mixes tokens, the MLP maps features) and the issue's measurements already differ by type
-    (``mlp.c_proj`` overlaps far more than ``mlp.c_fc``).
-    """
-    for pattern, name in _TYPE_PATTERNS:
-        match = pattern.search(label)
-        if match:
-            return name or f"attn.{match['part']}"
-    parts = label.split(".")
-    return ".".join(parts[-3:-1]) if len(parts) >= 3 else label
-
 
 def relative_norm(task_matrix: Tensor, pretrained_matrix: Tensor) -> float:
     """‖τ‖_F / ‖θ0‖_F: how far fine-tuning moved this matrix, relative to its pretrained size.

@@ -64,6 +64,9 @@ class ClipViT(ModelFamily):
     def get_matrix(self, state: Mapping[str, Tensor], label: str) -> Tensor:
         return matrices.get_matrix(state, label)
 
+    def matrix_type(self, label: str) -> str:
+        return matrices.matrix_type(label)
+
     def default_spectrum_label(self, keys: Iterable[str]) -> str | None:
         """The last block's MLP input weight: the widest matrix, where task vectors differ most."""
         blocks = sorted({int(k.split(".")[2]) for k in keys if k.startswith("transformer.resblocks.")})

@@ -54,6 +54,28 @@ def matrix_labels(keys: Iterable[str]) -> list[str]:
     return labels
 
 
+_TYPE_PATTERNS = (
+    (re.compile(r"attn\.in_proj_weight\[(?P<part>[qkv])\]$"), None),
+    (re.compile(r"attn\.out_proj\.weight$"), "attn.out"),
+    (re.compile(r"mlp\.c_fc\.weight$"), "mlp.c_fc"),
+    (re.compile(r"mlp\.c_proj\.weight$"), "mlp.c_proj"),
+)
+
+
+def matrix_type(label: str) -> str:
+    """The layer type of a matrix label: ``attn.q`` … ``mlp.c_proj``, else the label's tail.
+
+    Per-type summaries (statistics, DOP's losses) group matrices by the role they play:
+    attention mixes tokens, the MLP maps features, and task vectors differ by type.
+    """
+    for pattern, name in _TYPE_PATTERNS:
+        match = pattern.search(label)
+        if match:
+            return name or f"attn.{match['part']}"
+    parts = label.split(".")
+    return ".".join(parts[-3:-1]) if len(parts) >= 3 else label
+
+
 def get_matrix(state: Mapping[str, Tensor], label: str) -> Tensor:
     """The matrix a label names: a whole parameter, or one q/k/v slice of a packed one.
 
