@@ -113,19 +113,28 @@ class _Projector:
             v = vh.mT
             self.right = ("dense", (v * s2[:, None, :]) @ vh, None) if n <= 2 * k else ("factors", v, s2)
 
-    def gradient(self, difference: Tensor) -> tuple[Tensor, Tensor]:
-        """The gradient of the loss at D = W − W_i, and the loss per matrix (½ ⟨D, gradient⟩)."""
-        parts = []
+    def half_gradient(self, difference: Tensor) -> tuple[Tensor, Tensor]:
+        """Half the loss's gradient at D = W − W_i, and the loss per matrix (⟨D, half gradient⟩).
+
+        Half, because doubling is exact in floating point and is folded into the weights that
+        combine the two gradients; the right-hand product accumulates into the left's output.
+        """
+        half: Tensor | None = None
         if self.left is not None:
             kind, a, s2 = self.left
-            parts.append(a @ difference if kind == "dense" else a @ (s2[:, :, None] * (a.mT @ difference)))
+            half = torch.bmm(a, difference) if kind == "dense" else torch.bmm(a, s2[:, :, None] * (a.mT @ difference))
         if self.right is not None:
             kind, b, s2 = self.right
-            parts.append(difference @ b if kind == "dense" else ((difference @ b) * s2[:, None, :]) @ b.mT)
-        gradient = parts[0] if len(parts) == 1 else parts[0].add_(parts[1])
-        gradient.mul_(2)
-        loss = (difference * gradient).sum(dim=(1, 2)) / 2
-        return gradient, loss
+            factor, second = (difference, b) if kind == "dense" else ((difference @ b).mul_(s2[:, None, :]), b.mT)
+            half = torch.bmm(factor, second) if half is None else half.baddbmm_(factor, second)
+        assert half is not None  # proj_space is one of uv, u, v
+        return half, _batched_dot(difference, half)
+
+
+def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a_i, b_i⟩ for each matrix of two stacks, without an elementwise temporary."""
+    count = a.shape[0]
+    return torch.bmm(a.reshape(count, 1, -1), b.reshape(count, -1, 1)).view(count)
 
 
 def min_norm_weights(dot_11: Tensor, dot_12: Tensor, dot_22: Tensor) -> Tensor:
@@ -150,6 +159,7 @@ class _Adam:
         self.lr = lr
         self.first = torch.zeros_like(parameter)
         self.second = torch.zeros_like(parameter)
+        self._buffer = torch.empty_like(parameter)
         self.count = 0
 
     def step(self, gradient: Tensor) -> None:
@@ -159,7 +169,7 @@ class _Adam:
         self.second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
         bias_correction1 = 1 - beta1**self.count
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.count)
-        denominator = (self.second.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
+        denominator = torch.sqrt(self.second, out=self._buffer).div_(bias_correction2_sqrt).add_(_ADAM_EPS)
         self.parameter.addcdiv_(self.first, denominator, value=-self.lr / bias_correction1)
 
 
@@ -181,18 +191,21 @@ def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPS
     loss_trace = torch.empty(2, len(iterations), count, dtype=torch.float64)
     point = 0
     for iteration in range(settings.steps + 1):
-        evaluated = [p.gradient(weight - w) for p, w in zip(projectors, finetuned, strict=True)]
-        gradients, losses = [g for g, _ in evaluated], [loss for _, loss in evaluated]
+        evaluated = [p.half_gradient(weight - w) for p, w in zip(projectors, finetuned, strict=True)]
+        halves, losses = [h for h, _ in evaluated], [loss for _, loss in evaluated]
         if iteration == settings.steps:  # only the final losses are wanted after the last update
             loss_trace[:, point] = torch.stack(losses).double().cpu()
             weight_trace[point] = weight_trace[point - 1] if point else fixed[0]
             break
         if settings.mgda:
-            normalised = [
-                torch.where(loss[:, None, None] > 0, g / loss[:, None, None], torch.zeros_like(g))
-                for g, loss in zip(gradients, losses, strict=True)
+            # ⟨g_a / L_a, g_b / L_b⟩ with g = 2 h; a zero loss has a zero gradient, normalised to zero
+            inverse = [
+                torch.where(loss > 0, 2 / loss.double(), torch.zeros_like(loss, dtype=torch.float64)) for loss in losses
             ]
-            dots = [(normalised[a] * normalised[b]).sum(dim=(1, 2)).double() for a, b in ((0, 0), (0, 1), (1, 1))]
+            dots = [
+                _batched_dot(halves[a], halves[b]).double() * inverse[a] * inverse[b]
+                for a, b in ((0, 0), (0, 1), (1, 1))
+            ]
             solution = min_norm_weights(*dots)
             if settings.ema:
                 ema.mul_(settings.ema_beta).add_(solution, alpha=1 - settings.ema_beta)
@@ -203,8 +216,8 @@ def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPS
             loss_trace[:, point] = torch.stack(losses).double().cpu()
             weight_trace[point] = solution[:, 0].cpu()
             point += 1
-        scale = solution.to(weight.dtype)
-        combined = gradients[0].mul_(scale[:, 0, None, None]).add_(gradients[1].mul_(scale[:, 1, None, None]))
+        scale = solution.to(weight.dtype) * 2  # the gradients are 2 h
+        combined = halves[0].mul_(scale[:, 0, None, None]).addcmul_(halves[1], scale[:, 1, None, None])
         adam.step(combined)
     ranks = torch.stack([p.ranks for p in projectors], dim=1).cpu()
     return MatrixFit(weight, iterations, weight_trace, loss_trace, ranks)
@@ -392,9 +405,9 @@ class DOP(ContinualMerger):
     @classmethod
     def live_figure(cls, results: MethodResults) -> Figure | None:
         """The MGDA weight on the merged model over the iterations of every step, and the latest step's losses."""
-        fitted = [s for s in results.steps if s.diagnostics.get("weight_trace")]
-        if not fitted:
+        if not results.steps:
             return None
+        fitted = [s for s in results.steps if s.diagnostics.get("weight_trace")]
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
@@ -422,7 +435,7 @@ class DOP(ContinualMerger):
                 1,
                 1,
             )
-        latest = fitted[-1].diagnostics
+        latest = fitted[-1].diagnostics if fitted else {"losses": {}}  # step 1 takes θ1: nothing fitted yet
         for number, (kind, pair) in enumerate(latest["losses"].items()):
             for model, dash in (("merged", "solid"), ("new", "dash")):
                 values = pair[model]
