@@ -103,7 +103,7 @@ def toy_context(pretrained: dict[str, torch.Tensor], arch: VisionArch = TINY, im
 
 
 # Options that keep data-driven methods quick in tests that are about streaming, not quality.
-QUICK_OPTIONS = {"otmf": {"steps": 4}}
+QUICK_OPTIONS = {"otmf": {"steps": 4}, "mingle": {"steps": 4, "rank": 8}}
 
 
 def ready_merger(method: str, pretrained: dict[str, torch.Tensor], options=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import types
 import weakref
 
@@ -127,11 +128,15 @@ def test_never_keeps_earlier_checkpoints(method):
         sizes.append(held_bytes(merger))
     for refs in references:
         assert all(r() is None for r in refs), f"{method} keeps a fine-tuned tensor alive"
-    assert sizes[1] == sizes[-1], f"{method} holds more memory as tasks arrive: {sizes}"
+    # a method whose merged model grows with T (MINGLE's experts) declares the most one task adds;
+    # every other method declares 0, so from step 2 on its memory may not change at all
+    growth = merger.per_task_bytes()
+    added = [later - earlier for earlier, later in itertools.pairwise(sizes[1:])]
+    assert all(0 <= a <= growth for a in added), f"{method} holds more memory as tasks arrive: {sizes}"
     encoder_bytes = sum(t.numel() * 4 for t in pretrained.values())
     # a data-driven method's context (the runner's image tower, shared by all methods) is not its own
     context_bytes = held_bytes(merger.context) if merger.context is not None else 0
-    assert sizes[-1] <= 3 * encoder_bytes + context_bytes
+    assert sizes[-1] <= 3 * encoder_bytes + context_bytes + len(sizes) * growth
 
 
 def test_start_copies_the_pretrained_encoder():

@@ -43,6 +43,8 @@ class Evaluator:
         self.visual = copy.deepcopy(backbone.model.visual).to(self.device).eval()
         for parameter in self.visual.parameters():
             parameter.requires_grad_(False)
+        # what features() runs: the tower with the loaded encoder, or a method's own merged model
+        self.model: torch.nn.Module = self.visual
 
     def test_set(self, task: Task) -> ImageSet:
         return self.task_images(task, task.dataset.split)
@@ -56,16 +58,21 @@ class Evaluator:
             own = self.visual.state_dict()
             for key, value in state.items():
                 own[key].copy_(value)
+        self.model = self.visual
+
+    def use_model(self, model: torch.nn.Module) -> None:
+        """Evaluate ``model`` (normalised images → image features) instead of the tower, until the next load."""
+        self.model = model.eval()
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """L2-normalised image embeddings of uint8 images, in batches."""
+        """L2-normalised image embeddings of uint8 images, in batches, from the loaded encoder or model."""
         outputs = []
         autocast = self.device.type == "cuda"
         for start in range(0, images.shape[0], self.batch_size):
             batch = normalise(images[start : start + self.batch_size].to(self.device), self.backbone.preprocess)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                outputs.append(F.normalize(self.visual(batch).float(), dim=-1))
+                outputs.append(F.normalize(self.model(batch).float(), dim=-1))
         return torch.cat(outputs)
 
     def accuracy(self, task: Task, head: Tensor | None = None) -> float:
@@ -79,12 +86,17 @@ class Evaluator:
         state: Mapping[str, Tensor] | None,
         tasks: Iterable[Task],
         heads: Mapping[str, Tensor] | None = None,
+        model: torch.nn.Module | None = None,
     ) -> dict[str, float]:
-        """Accuracy per task of ``state`` (None: the pretrained encoder).
+        """Accuracy per task of ``state`` (None: the pretrained encoder), or of ``model`` when given.
 
-        ``heads`` overrides the zero-shot head of the tasks it names (OTMF's tuned heads).
+        ``heads`` overrides the zero-shot head of the tasks it names (OTMF's tuned heads);
+        ``model`` is a method's merged model that is not a plain encoder (``StepResult.model``).
         """
-        self.load_encoder(self.backbone.visual_state() if state is None else state)
+        if model is not None:
+            self.use_model(model)
+        else:
+            self.load_encoder(self.backbone.visual_state() if state is None else state)
         heads = heads or {}
         return {task.name: self.accuracy(task, heads.get(task.name)) for task in tasks}
 

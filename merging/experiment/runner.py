@@ -407,7 +407,10 @@ class ContinualRun:
             evaluated = self.tasks if self.config.eval == "all" else self.tasks[: timed.index]
             heads = merger.heads()
             apply_share()
-            accuracy = self.evaluator.evaluate(timed.result.merged, evaluated, heads)
+            if timed.result.model is None:
+                accuracy = self.evaluator.evaluate(timed.result.merged, evaluated, heads)
+            else:  # a merged model that is not a plain encoder (MINGLE's gated experts) runs itself
+                accuracy = self.evaluator.evaluate(timed.result.merged, evaluated, heads, model=timed.result.model)
             zeroshot_head = None
             if merger.tunes_heads:
                 zeroshot_head = {t.name: self.evaluator.accuracy(t) for t in evaluated}

@@ -149,10 +149,17 @@ class StepResult:
 
     ``merged`` is the merger's live state (float32, on its device): it changes at the next
     step, so copy it to keep it. ``diagnostics`` holds JSON-ready numbers for the UI.
+
+    ``model`` is set by methods whose merged model is not a plain encoder (MINGLE's gated
+    experts): a module on the merger's device mapping the encoder's normalised input to image
+    features before L2 normalisation (the image tower's forward). Evaluation then runs it
+    instead of loading ``merged``, which stays a plain-encoder view of the model for tools
+    that need one (analysis plots, encoder downloads); the method documents what that view is.
     """
 
     merged: StateDict
     diagnostics: dict[str, Any]
+    model: nn.Module | None = None
 
 
 @dataclass
@@ -209,6 +216,18 @@ class ContinualMerger(ABC):
     def attach(self, context: MergeContext) -> None:
         """Give the merger access to the backbone's image tower and the tasks' images."""
         self.context = context
+
+    def merged_model(self) -> nn.Module | None:
+        """The merged model as a module when it is not a plain encoder (see :class:`StepResult`); None otherwise."""
+        return None
+
+    def per_task_bytes(self) -> int:
+        """The most state (bytes) one more task adds: 0 for methods whose memory is bounded in T.
+
+        A method whose merged model legitimately grows with the tasks (MINGLE adds experts and
+        gates per task) declares that growth here, once started; the streaming tests hold it to it.
+        """
+        return 0
 
     def heads(self) -> dict[str, Tensor]:
         """Classification heads the method has tuned (task → classes × dim); zero-shot otherwise."""
@@ -308,7 +327,7 @@ class ContinualMerger(ABC):
         if "merged_norm" not in diagnostics:
             diagnostics["merged_norm"] = distance(self.merged, self.pretrained, self.merge_keys)
         self.check_diagnostics(diagnostics)
-        return StepResult(self.merged, diagnostics)
+        return StepResult(self.merged, diagnostics, self.merged_model())
 
     def _check_keys(self, finetuned: Mapping[str, Tensor]) -> list[str]:
         name = _name(finetuned, self.step_count + 1)
