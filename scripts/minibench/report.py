@@ -546,7 +546,7 @@ def _orders_lines(preset: str, data: dict[str, Any]) -> list[str]:
         "1 |",
     ]
     for name, row in data["methods"].items():
-        label = name if row["published_name"] else f"{name} (not in the published table)"
+        label = name if row["real_acc"] is not None else f"{name} (not in the published table)"
         lines.append(
             f"| {label} | {_pm(row['acc_mean'], row['acc_std'])} | {_pm(row['bwt_mean'], row['bwt_std'])} | "
             f"{row['normalised']:.2f} | {_opt(row['real_acc'])} | {_opt(row['real_bwt'])} | "
