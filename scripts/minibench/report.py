@@ -254,6 +254,72 @@ def preset_statistics(preset: str, pretrained: Mapping[str, torch.Tensor]) -> Ta
 # ---------------------------------------------------------------- the comparison
 
 
+def method_row(
+    name: str,
+    series: Series,
+    zero_shot: float,
+    finetuned: float,
+    real_acc: Mapping[str, float],
+    real_bwt: Mapping[str, float],
+) -> dict[str, Any]:
+    """One method's row: its ACC/BWT over the orders, normalised, beside its published numbers if any."""
+    row = series.to_json()
+    row["normalised"] = normalised(row["acc_mean"], zero_shot, finetuned)
+    key = published_key(name)
+    row["published_name"] = key
+    row["real_acc"] = real_acc.get(key) if key else None
+    row["real_bwt"] = real_bwt.get(key) if key else None
+    row["real_normalised"] = (
+        normalised(row["real_acc"], real_acc["pretrained"], real_acc["finetuned"])
+        if row["real_acc"] is not None
+        else None
+    )
+    return row
+
+
+def add_methods(out: Path, build: dict, names: Sequence[str], write_to: Path | None = None) -> dict[str, Any]:
+    """Measure only ``names`` (default options) over the report's orders and presets, and add their rows.
+
+    For a method registered after the last full report: the other methods' numbers do not
+    change, so they are kept from ``report.json`` rather than measured again.
+    """
+    measured = json.loads((out / "report.json").read_text())
+    seeds = tuple(measured["orders"])
+    real = real_results()
+    registry.cache_clear()
+    load_backbone.cache_clear()
+    with thread_budget(torch.get_num_threads()):
+        evaluator = Evaluator(load_backbone("mini"), "cpu", samples=None)
+        for preset, data in measured["presets"].items():
+            clock = time.perf_counter()
+            series = {name: Series() for name in names}
+            for seed in seeds:
+                order = shuffled(preset_checkpoints(preset), seed)
+                config = RunConfig(checkpoints=order, methods={n: {} for n in names}, device="cpu", order_seed=seed)
+                results = ContinualRun(config, evaluator).run()
+                for name in names:
+                    series[name].add(results.methods[name].acc, results.methods[name].bwt)
+            count = REAL_TASKS[preset]
+            for name in names:
+                data["methods"][name] = method_row(
+                    name,
+                    series[name],
+                    data["pretrained_mean"],
+                    data["finetuned_mean"],
+                    real["ACC"][REAL_BACKBONE][count],
+                    real["BWT"][REAL_BACKBONE][count],
+                )
+            measured["seconds"][f"added {', '.join(names)} {preset}"] = time.perf_counter() - clock
+    first = next(iter(measured["presets"].values()))
+    measured["acc"] = {m: row["acc_mean"] for m, row in first["methods"].items()}
+    measured["checks"] = checks(measured["presets"], measured["reference_all_tasks"])
+    destination = write_to or out
+    destination.mkdir(parents=True, exist_ok=True)
+    (destination / "report.json").write_text(json.dumps(measured, indent=1) + "\n")
+    (destination / "README.md").write_text(readme(out, build, measured))
+    return measured
+
+
 def compare(runs: OrderRuns, real: Mapping[str, Any]) -> dict[str, Any]:
     """A preset's numbers beside the real ones: per method ACC/BWT and normalised accuracy, and the gap."""
     count = REAL_TASKS[runs.preset]
@@ -261,20 +327,10 @@ def compare(runs: OrderRuns, real: Mapping[str, Any]) -> dict[str, Any]:
     tasks = list(runs.reference["pretrained"])
     zero_shot = 100 * stats.fmean(runs.reference["pretrained"][t] for t in tasks)
     finetuned = 100 * stats.fmean(runs.reference["finetuned"][t] for t in tasks)
-    methods = {}
-    for name, series in runs.methods.items():
-        row = series.to_json()
-        row["normalised"] = normalised(row["acc_mean"], zero_shot, finetuned)
-        key = published_key(name)
-        row["published_name"] = key
-        row["real_acc"] = real_acc.get(key) if key else None
-        row["real_bwt"] = real_bwt.get(key) if key else None
-        row["real_normalised"] = (
-            normalised(row["real_acc"], real_acc["pretrained"], real_acc["finetuned"])
-            if row["real_acc"] is not None
-            else None
-        )
-        methods[name] = row
+    methods = {
+        name: method_row(name, series, zero_shot, finetuned, real_acc, real_bwt)
+        for name, series in runs.methods.items()
+    }
     best = max(BASELINES, key=lambda m: methods[m]["acc_mean"])
     real_best = max(BASELINES, key=lambda m: methods[m]["real_acc"])
     per_order = [o - max(b) for o, *b in zip(*(runs.methods[m].acc for m in ("opcm", *BASELINES)), strict=True)]
@@ -753,6 +809,13 @@ def main() -> None:
     parser.add_argument(
         "--render-only", action="store_true", help="rewrite README.md from the measured report.json, measuring nothing"
     )
+    parser.add_argument(
+        "--add-methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="measure only these methods and add them to the existing report.json (the others are kept)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -761,7 +824,10 @@ def main() -> None:
         measured = json.loads((args.out / "report.json").read_text())
         ((args.write_to or args.out) / "README.md").write_text(readme(args.out, build, measured))
         return
-    measured = write_report(args.out, build, order_seeds(args.orders), args.presets, args.write_to)
+    if args.add_methods:
+        measured = add_methods(args.out, build, args.add_methods, args.write_to)
+    else:
+        measured = write_report(args.out, build, order_seeds(args.orders), args.presets, args.write_to)
     print(json.dumps({"acc": measured["acc"], "checks": measured["checks"], "seconds": measured["seconds"]}, indent=1))
 
 
