@@ -377,3 +377,36 @@ def test_evaluator_runs_a_methods_own_model(tmp_path, tiny_backbone):  # noqa: F
     calls.clear()
     evaluator.features(data)
     assert calls == []
+
+
+def test_lab_downloads_and_pushes_the_routed_model(tmp_path, monkeypatch):
+    """The lab writes MINGLE's own model beside its encoder view, and a Hub push sends the model."""
+    from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
+    from merging.ui import lab
+
+    config = RunConfig(
+        checkpoints=preset_checkpoints("mini-8")[:2],
+        methods={"mingle": QUICK, "task_arithmetic": {}},
+        samples=40,
+        device="cpu",
+    )
+    run = ContinualRun(config, cache_dir=tmp_path / "cache")
+    run.run()
+    written = {p.name: p for p in lab.write_downloads(run, tmp_path / "out", encoders=True)}
+    assert {
+        "merged-mingle.model.safetensors",
+        "merged-mingle.safetensors",
+        "merged-task_arithmetic.safetensors",
+    } <= set(written)
+    assert "merged-task_arithmetic.model.safetensors" not in written  # plain encoders have no model of their own
+    model, _, saved = load(written["merged-mingle.model.safetensors"])
+    assert saved["tasks"] == [c.task for c in config.checkpoints]
+    batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), run.mergers["mingle"].merged_model()(batch))
+    pushed = {}
+    monkeypatch.setattr(lab, "push_files", lambda named, *args: pushed.update(named) or "url")
+    lab.push_to_hub(list(written.values()), "mingle", "me/merged", "hf_token")
+    assert pushed["model.safetensors"] == written["merged-mingle.model.safetensors"]
+    lab.push_to_hub(list(written.values()), "task_arithmetic", "me/merged", "hf_token")
+    assert pushed["model.safetensors"] == written["merged-task_arithmetic.safetensors"]

@@ -15,6 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -220,6 +221,14 @@ class ContinualMerger(ABC):
     def merged_model(self) -> nn.Module | None:
         """The merged model as a module when it is not a plain encoder (see :class:`StepResult`); None otherwise."""
         return None
+
+    def save_model(self, path: str | Path) -> list[Path]:
+        """Write :meth:`merged_model` to ``path`` when the method has one; [] for plain-encoder methods.
+
+        Plain encoders are written by the model family from ``merged``; a method whose merged
+        model is a module of its own (MINGLE) knows its format and implements this.
+        """
+        return []
 
     def per_task_bytes(self) -> int:
         """The most state (bytes) one more task adds: 0 for methods whose memory is bounded in T.

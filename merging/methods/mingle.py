@@ -132,7 +132,10 @@ class MINGLE(ContinualMerger):
         r"$x\,(W_0 + \sum_e g_e \Delta_e)^\top$. Only the new gate is trained, on 5 unlabelled test images per "
         r"class, to match the fine-tuned model's predictions, with its gradient projected out of the earlier "
         r"tasks' input subspaces (softened by an adaptive relaxation). The merged model is $\theta_0$ plus the "
-        r"routed experts, not a plain encoder."
+        r"routed experts, not a plain encoder: its download is `merged-mingle.model.safetensors` (experts, gates, "
+        r"subspaces, $\theta_0$ and a config), while the analysis (cosines, spectra) and "
+        r"`merged-mingle.safetensors` show the encoder $\theta_0 + \sum_e \Delta_e$ with every expert at unit "
+        r"weight, the authors' own accumulated update."
     )
     published_name: ClassVar[str | None] = "mingle"
     diagnostics: ClassVar[tuple[Diagnostic, ...]] = (
@@ -565,6 +568,9 @@ class MINGLE(ContinualMerger):
         return parts
 
     # ------------------------------------------------------------ saving
+
+    def save_model(self, path: str | Path) -> list[Path]:
+        return [self.save(path)] if self._model is not None else []
 
     def save(self, path: str | Path, include_base: bool = True, metadata: dict[str, str] | None = None) -> Path:
         """Write the merged model (experts, gates, subspaces, θ0 unless ``include_base`` is false) as safetensors."""

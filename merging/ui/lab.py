@@ -154,7 +154,9 @@ SMALL_ENCODER_BYTES = 64 * 2**20  # below this the merged encoders are saved aft
 
 def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = "hf") -> list[Path]:
     """results.json, a CSV accuracy matrix per method, the replayable config.json and, when
-    ``encoders``, each method's current merged encoder as safetensors in layout ``fmt``."""
+    ``encoders``, each method's current merged encoder as safetensors in layout ``fmt``; a
+    method whose merged model is not a plain encoder (MINGLE) also writes that model itself,
+    as ``merged-NAME.model.safetensors`` in its own format, beside its encoder view."""
 
     folder.mkdir(parents=True, exist_ok=True)
     written = run.save(folder / "results.json")
@@ -166,6 +168,7 @@ def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = 
             if merger.merged:
                 path = folder / f"merged-{name}.safetensors"
                 written += run.experiment.family.save(merger.merged, path, fmt, run.backbone.arch)
+                written += merger.save_model(folder / f"merged-{name}.model.safetensors")
     return written
 
 
@@ -318,7 +321,8 @@ def push_to_hub(files: Sequence[str | Path], method: str, repo_id: str, token: s
     """Upload a method's merged encoder (and the run's results and configuration) to a Hub model repository."""
     _hub_repo(repo_id, token)
     paths = {Path(f).name: Path(f) for f in files}
-    encoder = paths.get(f"merged-{method}.safetensors")
+    # a method's own model (MINGLE's gated experts) when it has one, else its merged encoder
+    encoder = paths.get(f"merged-{method}.model.safetensors") or paths.get(f"merged-{method}.safetensors")
     if encoder is None:
         raise MergingError(f"no merged encoder of {method} in this run's downloads (run it first)")
     named: dict[str, str | Path] = {"model.safetensors": encoder}
