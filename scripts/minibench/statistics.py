@@ -44,6 +44,7 @@ ALL_MATRICES = "all matrices"
 
 MatrixViews = Callable[[str, Tensor], list[tuple[str, Tensor]]]
 
+
 def relative_norm(task_matrix: Tensor, pretrained_matrix: Tensor) -> float:
     """‖τ‖_F / ‖θ0‖_F: how far fine-tuning moved this matrix, relative to its pretrained size.
 
