@@ -34,7 +34,7 @@ from merging.compute.devices import resolve_device
 from merging.families.clip_vit.matrices import matrix_views
 from merging.methods import create_merger
 from merging.methods._dop_reference import reference_dop_weight
-from merging.methods.dop import CHUNK_BYTES, DOPSettings, fit_matrices
+from merging.methods.dop import DOPSettings, chunk_size, fit_matrices
 
 SPEED_TARGET = 5.0
 STEPS = 200
@@ -62,12 +62,6 @@ def matrices_by_shape(pretrained, merged, new) -> dict[tuple[int, int], list[tup
         ):
             groups.setdefault(tuple(w0.shape), []).append((w0, wm, wt))
     return groups
-
-
-def chunk_size(shape: tuple[int, int]) -> int:
-    """How many matrices of ``shape`` the merger optimises together (its memory bound)."""
-    per_matrix = 24 * shape[0] * shape[1] * 4 + 4 * max(shape) ** 2 * 4
-    return max(1, CHUNK_BYTES // per_matrix)
 
 
 def measure_shape(device: torch.device, triples, iterations: int) -> tuple[float, float, float]:

@@ -223,6 +223,16 @@ def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPS
     return MatrixFit(weight, iterations, weight_trace, loss_trace, ranks)
 
 
+def chunk_size(shape: tuple[int, ...]) -> int:
+    """How many matrices of ``shape`` are optimised together: CHUNK_BYTES over one matrix's work memory.
+
+    Per matrix about 24 float32 copies of it (the three weights, W, Adam's moments, the two
+    gradients and their temporaries) and four operators of at most its longer side squared.
+    """
+    per_matrix = 24 * math.prod(shape) * 4 + 4 * max(shape) ** 2 * 4
+    return max(1, CHUNK_BYTES // per_matrix)
+
+
 @dataclass
 class _Slot:
     """One matrix of the encoder: the parameter holding it and which of its views it is."""
@@ -364,8 +374,7 @@ class DOP(ContinualMerger):
         ranks: dict[str, list[Tensor]] = {}
         settings = self.settings
         for shape, slots in by_shape.items():
-            per_matrix = 24 * math.prod(shape) * 4 + 4 * max(shape) ** 2 * 4
-            size = max(1, CHUNK_BYTES // per_matrix)
+            size = chunk_size(shape)
             for start in range(0, len(slots), size):
                 chunk = slots[start : start + size]
                 self._fit_chunk(chunk, incoming, settings, traces, ranks)
