@@ -221,3 +221,32 @@ def test_accuracy_matrix_acc_and_bwt_by_hand(tmp_path, mini_three):
         f"{b},,0.7000,0.6500",
         f"{c},,,0.9000",
     ]
+
+
+def test_only_methods_that_read_train_images_need_a_train_split(tmp_path, monkeypatch, mini_three):
+    """MINGLE reads only the test sample, OTMF its OT split and, tuning heads, the train split."""
+    from merging.evaluation.tasks import ASSETS
+
+    mini = json.loads((ASSETS / "mini" / "tasks.json").read_text())
+    without_train = {
+        name: {**entry, "dataset": {k: v for k, v in entry["dataset"].items() if k != "train_split"}}
+        for name, entry in mini["tasks"].items()
+    }
+    registry_file = tmp_path / "no-train.json"
+    registry_file.write_text(json.dumps({"tasks": without_train}))
+    monkeypatch.setenv("MERGING_REGISTRY", str(registry_file))
+    registry.cache_clear()
+    try:
+        checkpoints = mini_three[:2]
+        with pytest.raises(MergingError, match=f"otmf needs labelled train images of task {checkpoints[0].task}"):
+            ContinualRun(config_for(checkpoints, {"otmf": {}}), cache_dir=tmp_path).prepare()
+        with pytest.raises(MergingError, match="names no train split"):  # OT on the test split, heads tuned on train
+            ContinualRun(config_for(checkpoints, {"otmf": {"ot_split": "test", "head_tuning": "on"}})).prepare()
+        ContinualRun(config_for(checkpoints, {"otmf": {"ot_split": "test"}}), cache_dir=tmp_path).prepare()
+        run = ContinualRun(config_for(checkpoints, {"mingle": {"steps": 2, "rank": 4}}), cache_dir=tmp_path)
+        results = run.run()
+        assert results.completed_steps == 2
+        data = results.methods["mingle"].steps[-1].diagnostics["data"]
+        assert "test sample (5 per class" in data and data.endswith("no train images")
+    finally:
+        registry.cache_clear()

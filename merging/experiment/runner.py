@@ -257,7 +257,7 @@ class ContinualRun:
         self._prepared = _Prepared(tasks_registry, tasks, device, backbone, cache_dir, evaluator)
         for spec, task in zip(self.config.checkpoints, tasks, strict=True):
             self._check_dataset(task, spec)
-            if any(m.requires_data for m in self.mergers.values()):
+            if any("train" in m.data_splits() for m in self.mergers.values()):
                 self._check_train_split(task, spec)
 
     def _open_backbone(self) -> StateModel:
@@ -312,7 +312,7 @@ class ContinualRun:
     def _check_train_split(self, task: Task, spec: CheckpointSpec) -> None:
         from merging.evaluation.datasets import parquet_files
 
-        needs = [n for n, m in self.mergers.items() if m.requires_data]
+        needs = [n for n, m in self.mergers.items() if "train" in m.data_splits()]
         if task.dataset.train_split is None:
             raise MergingError(
                 f"{', '.join(needs)} needs labelled train images of task {task.name} (checkpoint {spec.source}), "

@@ -222,6 +222,14 @@ class ContinualMerger(ABC):
         """The merged model as a module when it is not a plain encoder (see :class:`StepResult`); None otherwise."""
         return None
 
+    def data_splits(self) -> tuple[str, ...]:
+        """The splits ("train", "test") this merger reads task images from, with its options; () when data-free.
+
+        The runner checks before the first step that every task has them, so a missing split
+        fails in a second with one line rather than after a merge step.
+        """
+        return ("train", "test") if self.requires_data else ()
+
     def save_model(self, path: str | Path) -> list[Path]:
         """Write :meth:`merged_model` to ``path`` when the method has one; [] for plain-encoder methods.
 

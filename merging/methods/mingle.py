@@ -569,6 +569,9 @@ class MINGLE(ContinualMerger):
 
     # ------------------------------------------------------------ saving
 
+    def data_splits(self) -> tuple[str, ...]:
+        return ("test",)  # seed images come from the test sample; no train images
+
     def save_model(self, path: str | Path) -> list[Path]:
         return [self.save(path)] if self._model is not None else []
 

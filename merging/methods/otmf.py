@@ -144,6 +144,11 @@ class OTMF(ContinualMerger):
     def tunes_heads(self) -> bool:
         return self.config["head_tuning"] == "on"
 
+    def data_splits(self) -> tuple[str, ...]:
+        """The OT losses' split, and the labelled train split when heads are tuned."""
+        splits = {self.config["ot_split"], *(("train",) if self.tunes_heads else ())}
+        return tuple(sorted(splits))
+
     @classmethod
     def live_figure(cls, results: MethodResults) -> Figure | None:
         """The loss curves of both mask sets per merge step, and the masks' statistics per step."""
