@@ -332,13 +332,22 @@ class LabHandlers:
         samples: float,
         eval_mode: str,
         device: str,
-        order_seed: float | None,
-        layout: str,
-        allow_duplicates: bool,
+        order_seed: float | None = None,
+        layout: str = "hf",
+        allow_duplicates: bool = False,
         *option_values: Any,
+        **named_options: Any,
     ) -> Iterator[tuple[Any, ...]]:
-        """Run continual merging and stream (status, figures, table, files, state, method choice) per step."""
+        """Run continual merging and stream (status, figures, table, files, state, method choice) per step.
+
+        Method options come by name through the API (``dop_lr``, ``opcm_alpha``: METHOD_OPTION,
+        unnamed ones at their defaults), or by position in the registry's order from Python.
+        """
         try:
+            if named_options:
+                if option_values:
+                    raise MergingError("give the method options by name or by position, not both")
+                option_values = lab.option_values_by_name(named_options)
             config = self.lab_request(
                 backbone,
                 preset,
@@ -723,8 +732,9 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     order_seed,
                     layout,
                     allow_duplicates,
-                    *option_inputs,
                 ],
+                # named inputs, so that a script sees dop_lr, opcm_alpha … instead of param_10 …
+                inputs_kwargs=dict(zip(lab.option_parameters(), option_inputs, strict=True)),
                 outputs=[view[f.name] for f in fields(RunView)],
                 show_progress_on=[progress_anchor],
                 **compute,

@@ -63,6 +63,10 @@ def test_page_offers_its_endpoints_and_every_registered_method():
     run = {p["parameter_name"]: p for p in endpoints["/run"]["parameters"]}
     assert len(run) == len(lab_inputs())  # every input a script sends, every method's options included
     assert run["methods"]["type"]["items"]["enum"] == list(METHODS)
+    # every method option is named METHOD_OPTION for a script, none is a bare param_N, and the order seed is optional
+    assert [name for name in run if name.startswith("param_")] == []
+    assert {"opcm_alpha", "dop_lr", "nufilt_null_rank", "mingle_seed_per_class"} <= set(run)
+    assert run["order_seed"]["parameter_has_default"] and run["order_seed"]["parameter_default"] is None
     merge_methods = [name for name, cls in METHODS.items() if not cls.requires_data]
     assert endpoints["/merge"]["parameters"][0]["type"]["enum"] == merge_methods
     assert endpoints["/stop"]["parameters"] == []
@@ -243,6 +247,28 @@ def downloaded_results(outputs) -> dict:
     files = outputs[5]
     path = next(f for f in files if Path(f).name == "results.json")
     return json.loads(Path(path).read_text())
+
+
+def test_client_run_takes_method_options_by_name(served_app):
+    """A script names only what it changes: other options keep their defaults, the order seed may be left out."""
+    from gradio_client import Client
+
+    short = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:2])
+    final = Client(served_app, verbose=False).predict(
+        checkpoints=short,
+        methods=["task_arithmetic"],
+        samples=SAMPLES,
+        device="cpu",
+        task_arithmetic_scaling=0.5,
+        api_name="/run",
+    )
+    results = downloaded_results(final)
+    assert results["methods"]["task_arithmetic"]["options"] == {"scaling": 0.5}
+    assert results["completed_steps"] == 2 and results["config"]["order_seed"] is None
+    _, message = updates_until_error(HANDLERS.run_lab(None, *lab_inputs()[:7], task_arithmetic_lambda=0.5))
+    assert message.startswith("unknown option parameter 'task_arithmetic_lambda': method options are named")
+    _, message = updates_until_error(HANDLERS.run_lab(None, *lab_inputs(), task_arithmetic_scaling=0.5))
+    assert message == "give the method options by name or by position, not both"
 
 
 def test_client_run_streams_every_step_and_equals_the_command_line(served_app, tmp_path):

@@ -88,6 +88,27 @@ def option_fields() -> list[tuple[str, str]]:
     return [(name, option.name) for name, cls in METHODS.items() for option in cls.options]
 
 
+def option_parameters() -> list[str]:
+    """The API's name for each of :func:`option_fields`, ``METHOD_OPTION`` (``dop_lr``), in the same order."""
+    names = [f"{method}_{option}" for method, option in option_fields()]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash is not None:
+        raise ValueError(f"two method options share the API name {clash!r}")
+    return names
+
+
+def option_values_by_name(named: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Option values given by API name → the values in :func:`option_fields` order (defaults for the rest)."""
+    names = option_parameters()
+    unknown = sorted(set(named) - set(names))
+    if unknown:
+        raise MergingError(
+            f"unknown option parameter {unknown[0]!r}: method options are named METHOD_OPTION, such as {names[0]}"
+        )
+    defaults = [o.default for cls in METHODS.values() for o in cls.options]
+    return tuple(named.get(name, default) for name, default in zip(names, defaults, strict=True))
+
+
 def options_from_values(methods: Sequence[str], values: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """Per chosen method, its options that differ from the defaults (so configs stay short)."""
     defaults = {(m, o.name): o.default for m, cls in METHODS.items() for o in cls.options}
