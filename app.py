@@ -524,12 +524,12 @@ def internals_update(results: RunResults | None, method: str | None) -> Any:
 def figures_for(results: RunResults | None, shown: str | None) -> tuple[Any, Any, Any, Any]:
     """The live figures (accuracy matrix and per-task curves of the shown method, ACC/BWT of all)."""
     if results is None or not results.methods:
-        return None, None, None, plots.results_table(RunResults(config={}, tasks=[], methods={}))
+        return None, None, None, plots.styled_table(plots.results_table(RunResults(config={}, tasks=[], methods={})))
     method = shown if shown in results.methods else next(iter(results.methods))
     has_steps = bool(results.methods[method].steps)
     heatmap = plots.accuracy_heatmap(results, method) if has_steps else None
     curves = plots.per_task_curves(results, method) if has_steps else None
-    return heatmap, plots.acc_bwt_figure(results), curves, plots.results_table(results)
+    return heatmap, plots.acc_bwt_figure(results), curves, plots.styled_table(plots.results_table(results))
 
 
 def gpu_duration(*args: Any) -> int:

@@ -130,10 +130,15 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     assert internals["value"] is not None and internals["label"] == METHODS["opcm"].figure_title
     assert status.startswith("Step 8/8") and "Done in" in status
     assert updates[1][1] is None and updates[2][1] is not None  # the matrix appears with the first step
-    assert updates[0][4].empty and updates[1][4]["method"].tolist() == ["pretrained", "finetuned"]  # before step 1
+    # before step 1 (the tables are Stylers: their numbers are .data)
+    assert updates[0][4].data.empty and updates[1][4].data["method"].tolist() == ["pretrained", "finetuned"]
     assert len(heatmap.data[0].z) == 8 and len(curves.data) == 8 and len(lines.data) >= 4
+    shown, table = table, table.data  # a Styler: the numbers, and how the page prints them
     assert table["method"].tolist() == ["pretrained", "finetuned", "opcm", "task_arithmetic"]
     assert table.loc[2, "ACC (%)"] == pytest.approx(100 * results["methods"]["opcm"]["acc"], abs=0.01)
+    display = gr.Dataframe().postprocess(shown).model_dump()["metadata"]["display_value"]
+    assert display[2][1] == f"{table.loc[2, 'ACC (%)']:.2f}" and display[2][2].startswith(("+", "-"))
+    assert display[0][2:] == ["", "", ""]  # reference rows have no BWT or times
     direct = (
         ContinualRun(
             RunConfig(
