@@ -87,11 +87,14 @@ def trace_iterations(steps: int, points: int = TRACE_POINTS) -> list[int]:
 
 
 class _Projector:
-    """One model's loss ‖diag(s) Uᵀ D‖² + ‖D V diag(s)‖² for a stack of matrices, with its gradient.
+    """Each model's loss ‖diag(s) Uᵀ D‖² + ‖D V diag(s)‖² for a stack of matrices, with its gradient.
 
     The singular triplets of the model's task vector are cut at ``svd_epsilon`` of the plain
     sum Σs, as FusionBench cuts them (``searchsorted(cumsum(s) / sum(s), ε)``); the cut ones
-    get weight zero here instead of being dropped, so matrices of different ranks stack.
+    get weight zero here instead of being dropped, so matrices of different ranks stack. The
+    stack holds both models of every matrix (merged and new interleaved), so one batched
+    product serves the two losses. The squared singular values are doubled once here (exact
+    in floating point), so the products give the gradient itself.
     """
 
     def __init__(self, task: Tensor, svd_epsilon: float, proj_space: str):
@@ -102,7 +105,7 @@ class _Projector:
         limit = torch.full((count, 1), min(svd_epsilon, 1.0), dtype=share.dtype, device=share.device)
         rank = torch.searchsorted(share, limit)
         kept = torch.arange(k, device=s.device)[None, :] < rank
-        s2 = torch.where(kept, s, torch.zeros_like(s)) ** 2
+        s2 = 2 * torch.where(kept, s, torch.zeros_like(s)) ** 2
         self.ranks = rank[:, 0]
         self.left: tuple[str, Tensor, Tensor | None] | None = None
         self.right: tuple[str, Tensor, Tensor | None] | None = None
@@ -113,28 +116,37 @@ class _Projector:
             v = vh.mT
             self.right = ("dense", (v * s2[:, None, :]) @ vh, None) if n <= 2 * k else ("factors", v, s2)
 
-    def half_gradient(self, difference: Tensor) -> tuple[Tensor, Tensor]:
-        """Half the loss's gradient at D = W − W_i, and the loss per matrix (⟨D, half gradient⟩).
+    def gradient(self, difference: Tensor, out: Tensor) -> Tensor:
+        """The loss's gradient 2 (U S² Uᵀ D + D V S² Vᵀ) at D = W − W_i, written into ``out``.
 
-        Half, because doubling is exact in floating point and is folded into the weights that
-        combine the two gradients; the right-hand product accumulates into the left's output.
+        The right-hand product accumulates into the left's output, so no temporary of the
+        matrices' size is made for the dense operators.
         """
-        half: Tensor | None = None
+        written = False
         if self.left is not None:
             kind, a, s2 = self.left
-            half = torch.bmm(a, difference) if kind == "dense" else torch.bmm(a, s2[:, :, None] * (a.mT @ difference))
+            if kind == "dense":
+                torch.bmm(a, difference, out=out)
+            else:
+                torch.bmm(a, s2[:, :, None] * (a.mT @ difference), out=out)
+            written = True
         if self.right is not None:
             kind, b, s2 = self.right
             factor, second = (difference, b) if kind == "dense" else ((difference @ b).mul_(s2[:, None, :]), b.mT)
-            half = torch.bmm(factor, second) if half is None else half.baddbmm_(factor, second)
-        assert half is not None  # proj_space is one of uv, u, v
-        return half, _batched_dot(difference, half)
+            if written:
+                out.baddbmm_(factor, second)
+            else:
+                torch.bmm(factor, second, out=out)
+        return out
 
 
-def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
-    """⟨a_i, b_i⟩ for each matrix of two stacks, without an elementwise temporary."""
+def _pair_grams(a: Tensor, b: Tensor) -> Tensor:
+    """Per matrix, the 2 × 2 inner products ⟨a_i, b_j⟩ of two stacks shaped count × 2 × m × n.
+
+    One batched product reads each stack once, instead of an elementwise temporary per dot.
+    """
     count = a.shape[0]
-    return torch.bmm(a.reshape(count, 1, -1), b.reshape(count, -1, 1)).view(count)
+    return torch.bmm(a.reshape(count, 2, -1), b.reshape(count, 2, -1).mT)
 
 
 def min_norm_weights(dot_11: Tensor, dot_12: Tensor, dot_22: Tensor) -> Tensor:
@@ -151,26 +163,17 @@ def min_norm_weights(dot_11: Tensor, dot_12: Tensor, dot_22: Tensor) -> Tensor:
     return torch.stack((gamma, 1 - gamma), dim=1)
 
 
-class _Adam:
-    """``torch.optim.Adam``'s update (no weight decay, no amsgrad) on a stacked tensor, in place."""
+def _adam(parameter: Tensor, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` (FusionBench's optimiser, its defaults) on a stacked tensor.
 
-    def __init__(self, parameter: Tensor, lr: float):
-        self.parameter = parameter
-        self.lr = lr
-        self.first = torch.zeros_like(parameter)
-        self.second = torch.zeros_like(parameter)
-        self._buffer = torch.empty_like(parameter)
-        self.count = 0
-
-    def step(self, gradient: Tensor) -> None:
-        beta1, beta2 = _ADAM_BETAS
-        self.count += 1
-        self.first.lerp_(gradient, 1 - beta1)
-        self.second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        bias_correction1 = 1 - beta1**self.count
-        bias_correction2_sqrt = math.sqrt(1 - beta2**self.count)
-        denominator = torch.sqrt(self.second, out=self._buffer).div_(bias_correction2_sqrt).add_(_ADAM_EPS)
-        self.parameter.addcdiv_(self.first, denominator, value=-self.lr / bias_correction1)
+    Adam is elementwise, so one optimiser over the stack updates every matrix as its own
+    optimiser would. The fused kernel does the update in one pass over the weights and both
+    moments (seven passes otherwise); torch before 2.4 has none on the CPU, and gets the plain one.
+    """
+    try:
+        return torch.optim.Adam([parameter], lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam([parameter], lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS)
 
 
 def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPSettings) -> MatrixFit:
@@ -179,11 +182,16 @@ def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPS
     Equal, to float32 rounding, to running :func:`merging.methods._dop_reference.reference_dop_weight`
     on each matrix in turn.
     """
-    finetuned = (merged, new)
-    projectors = [_Projector(w - pretrained, settings.svd_epsilon, settings.proj_space) for w in finetuned]
+    count, m, n = merged.shape
+    finetuned = torch.stack((merged, new), dim=1)  # count × 2 × m × n: merged and new of each matrix
+    projector = _Projector(
+        (finetuned - pretrained[:, None]).view(2 * count, m, n), settings.svd_epsilon, settings.proj_space
+    )
     weight = (merged + new) / 2
-    adam = _Adam(weight, settings.lr)
-    count = weight.shape[0]
+    adam = _adam(weight, settings.lr)
+    difference = torch.empty_like(finetuned)
+    gradients = torch.empty_like(finetuned)
+    weight.grad = torch.empty_like(weight)  # the combined gradient, rewritten in place each iteration
     fixed = torch.tensor([settings.alpha, 1 - settings.alpha], dtype=torch.float64, device=weight.device)
     ema = fixed.expand(count, 2).clone()
     iterations = trace_iterations(settings.steps)
@@ -191,21 +199,19 @@ def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPS
     loss_trace = torch.empty(2, len(iterations), count, dtype=torch.float64)
     point = 0
     for iteration in range(settings.steps + 1):
-        evaluated = [p.half_gradient(weight - w) for p, w in zip(projectors, finetuned, strict=True)]
-        halves, losses = [h for h, _ in evaluated], [loss for _, loss in evaluated]
+        torch.sub(weight[:, None], finetuned, out=difference)
+        projector.gradient(difference.view(2 * count, m, n), gradients.view(2 * count, m, n))
+        # L_i = ½ ⟨D_i, ∇L_i⟩ (a quadratic form); the off-diagonal products are not needed
+        losses = torch.diagonal(_pair_grams(difference, gradients), dim1=1, dim2=2).double().mT / 2
         if iteration == settings.steps:  # only the final losses are wanted after the last update
-            loss_trace[:, point] = torch.stack(losses).double().cpu()
+            loss_trace[:, point] = losses.cpu()
             weight_trace[point] = weight_trace[point - 1] if point else fixed[0]
             break
         if settings.mgda:
-            # ⟨g_a / L_a, g_b / L_b⟩ with g = 2 h; a zero loss has a zero gradient, normalised to zero
-            inverse = [
-                torch.where(loss > 0, 2 / loss.double(), torch.zeros_like(loss, dtype=torch.float64)) for loss in losses
-            ]
-            dots = [
-                _batched_dot(halves[a], halves[b]).double() * inverse[a] * inverse[b]
-                for a, b in ((0, 0), (0, 1), (1, 1))
-            ]
+            # ⟨g_a / L_a, g_b / L_b⟩; a zero loss has a zero gradient, normalised to zero
+            inverse = torch.where(losses > 0, 1 / losses, torch.zeros_like(losses))
+            grams = _pair_grams(gradients, gradients).double()
+            dots = [grams[:, a, b] * inverse[a] * inverse[b] for a, b in ((0, 0), (0, 1), (1, 1))]
             solution = min_norm_weights(*dots)
             if settings.ema:
                 ema.mul_(settings.ema_beta).add_(solution, alpha=1 - settings.ema_beta)
@@ -213,13 +219,14 @@ def fit_matrices(pretrained: Tensor, merged: Tensor, new: Tensor, settings: DOPS
         else:
             solution = fixed.expand(count, 2)
         if iteration == iterations[point]:
-            loss_trace[:, point] = torch.stack(losses).double().cpu()
+            loss_trace[:, point] = losses.cpu()
             weight_trace[point] = solution[:, 0].cpu()
             point += 1
-        scale = solution.to(weight.dtype) * 2  # the gradients are 2 h
-        combined = halves[0].mul_(scale[:, 0, None, None]).addcmul_(halves[1], scale[:, 1, None, None])
-        adam.step(combined)
-    ranks = torch.stack([p.ranks for p in projectors], dim=1).cpu()
+        # γ_m ∇L_m + γ_t ∇L_t; the weights sum to one (the EMA of pairs that do, or alpha's pair)
+        torch.lerp(gradients[:, 1], gradients[:, 0], solution[:, :1, None].to(weight.dtype), out=weight.grad)
+        adam.step()
+    weight.grad = None
+    ranks = projector.ranks.view(count, 2).cpu()
     return MatrixFit(weight, iterations, weight_trace, loss_trace, ranks)
 
 
