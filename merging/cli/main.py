@@ -1,4 +1,4 @@
-"""Command line: ``python -m merging merge ...`` and ``python -m merging run ...``.
+"""Command line: ``python -m merging merge ...``, ``python -m merging run ...`` and ``python -m merging sweep ...``.
 
 Errors caused by input print one line (``error: ...``) and exit with status 2; a failure
 part-way through keeps what was merged so far in a ``.partial`` file beside ``--out``.
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 COMMANDS = {
     "merge": "merge fine-tuned checkpoints, one after the other, into the pretrained encoder",
     "run": "merge continually with one or more methods and evaluate every step",
+    "sweep": "run methods over several task orders and option grids; mean ± std per method",
 }
 DESCRIPTION = "Continual merging of fine-tuned CLIP image encoders."
 
@@ -54,6 +55,7 @@ def top_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from merging.cli.run import add_run_parser
+    from merging.cli.sweep import add_sweep_parser
     from merging.compute.devices import DEVICE_CHOICES
     from merging.experiment.merge import DTYPES
     from merging.families import output_formats
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a checkpoint listed twice twice (refused by default: it is almost always a slip)",
     )
     add_run_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 
@@ -239,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from merging.cli.run import prepare_run
 
             return run_command(prepare_run(args))
+        if args.command == "sweep":
+            from merging.cli.sweep import prepare_sweep, run_sweep
+
+            return run_sweep(prepare_sweep(args))
         return run_merge(args)
     except MergingError as exc:
         print(f"error: {exc}", file=sys.stderr)

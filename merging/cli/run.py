@@ -58,46 +58,7 @@ def add_run_parser(commands) -> None:
         "(or all tasks), and write results.json with a CSV accuracy matrix per method beside it.",
     )
     run.add_argument("--config", metavar="RESULTS.json", help="replay the run recorded in a results file")
-    run.add_argument(
-        "--backbone",
-        default=None,
-        help="mini (default); ViT-B-32, ViT-B-16, ViT-L-14 (open_clip, OpenAI weights); openai/clip-vit-base-patch32 "
-        "and the other transformers repositories (converted with their text towers); hf-hub:ORG/NAME[@REV] "
-        "(open_clip format); transformers:ORG/NAME; local-dir:PATH",
-    )
-    run.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="a preset checkpoint list: mini-8, mini-12 (mini backbone), or TA8, TALL14, TALL20 (FusionBench's "
-        "tanganke/<family>_<task> fine-tunes of the chosen OpenAI backbone)",
-    )
-    run.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        metavar="SRC[=TASK]",
-        help="a fine-tuned checkpoint, in merge order (repeatable); its task comes from its name or from =TASK",
-    )
-    run.add_argument(
-        "--method",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help=f"a method to run (repeatable), or all: {', '.join(METHODS)}",
-    )
-    run.add_argument(
-        "--opt",
-        action="append",
-        default=[],
-        metavar="[METHOD.]KEY=VALUE",
-        help="a method option; without METHOD. it applies to every chosen method that has it",
-    )
-    run.add_argument(
-        "--samples",
-        type=nonnegative_int,
-        default=None,
-        help=f"test images per task, a deterministic subset (default {DEFAULT_SAMPLES}; 0: all)",
-    )
+    add_experiment_flags(run)
     run.add_argument(
         "--order-seed",
         type=integer,
@@ -105,28 +66,72 @@ def add_run_parser(commands) -> None:
         help="shuffle the order with random.seed(S) then random.shuffle (seeds 42-51 in the papers)",
     )
     run.add_argument(
+        "--out",
+        metavar="RESULTS.json",
+        help="where to write the results (default: results.json, or replay.json beside --config); checked "
+        "before the run starts",
+    )
+
+
+def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what an experiment runs, shared by ``run`` and ``sweep`` so they read the same."""
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="mini (default); ViT-B-32, ViT-B-16, ViT-L-14 (open_clip, OpenAI weights); openai/clip-vit-base-patch32 "
+        "and the other transformers repositories (converted with their text towers); hf-hub:ORG/NAME[@REV] "
+        "(open_clip format); transformers:ORG/NAME; local-dir:PATH",
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a preset checkpoint list: mini-8, mini-12 (mini backbone), or TA8, TALL14, TALL20 (FusionBench's "
+        "tanganke/<family>_<task> fine-tunes of the chosen OpenAI backbone)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="SRC[=TASK]",
+        help="a fine-tuned checkpoint, in merge order (repeatable); its task comes from its name or from =TASK",
+    )
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a method to run (repeatable), or all: {', '.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="[METHOD.]KEY=VALUE",
+        help="a method option; without METHOD. it applies to every chosen method that has it",
+    )
+    parser.add_argument(
+        "--samples",
+        type=nonnegative_int,
+        default=None,
+        help=f"test images per task, a deterministic subset (default {DEFAULT_SAMPLES}; 0: all)",
+    )
+    parser.add_argument(
         "--eval",
         choices=("seen", "all"),
         default=None,
         help="evaluate the tasks seen so far (default) or all tasks at every step",
     )
-    run.add_argument(
+    parser.add_argument(
         "--device",
         choices=DEVICE_CHOICES,
         default=None,
         help="where merging and evaluation run (default auto; with --config it overrides the recorded device)",
     )
-    run.add_argument(
+    parser.add_argument(
         "--allow-duplicates",
         action="store_true",
         default=None,
         help="merge a checkpoint listed twice twice (refused by default: it is almost always a slip)",
-    )
-    run.add_argument(
-        "--out",
-        metavar="RESULTS.json",
-        help="where to write the results (default: results.json, or replay.json beside --config); checked "
-        "before the run starts",
     )
 
 

@@ -208,7 +208,14 @@ class ContinualRun:
     (the reference rows and :meth:`steps` prepare the run if the caller did not).
     """
 
-    def __init__(self, config: RunConfig, evaluator: Evaluator | None = None, cache_dir: Path | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        evaluator: Evaluator | None = None,
+        cache_dir: Path | None = None,
+        references: Mapping[str, Mapping[str, float]] | None = None,
+        backbone: Backbone | None = None,
+    ):
         if not config.checkpoints:
             raise MergingError("no fine-tuned checkpoints: give a preset or at least one checkpoint")
         if not config.methods:
@@ -238,6 +245,12 @@ class ContinualRun:
         )
         self._references: dict[str, dict[str, float]] | None = None
         self.warnings: list[str] = []
+        # A sweep runs the same checkpoints in many orders: it measures the reference rows and
+        # loads the backbone once, and hands them to every trial instead of each trial redoing it.
+        self._given_backbone = backbone
+        if references is not None:
+            self._references = {row: dict(values) for row, values in references.items()}
+            self.warnings = label_warnings(config.checkpoints, self._references)
 
     def prepare(self) -> None:
         """Everything that can fail before any work: tasks, device, backbone, checkpoints, datasets.
@@ -262,7 +275,7 @@ class ContinualRun:
 
     def _open_backbone(self) -> StateModel:
         """The backbone's image tower as the experiment's pretrained model (loaded once per process)."""
-        self._backbone = load_backbone(self.config.backbone)
+        self._backbone = self._given_backbone or load_backbone(self.config.backbone)
         visual = self._backbone.model.visual.state_dict()
         return StateModel(f"backbone {self._backbone.name}", visual, self._backbone.arch, self._backbone.config)
 
