@@ -182,6 +182,10 @@ class RunView:
     results: Any = field(default_factory=gr.skip)  # results.json as JSON, in the session's gr.State
     shown: Any = field(default_factory=gr.skip)
     internals: Any = field(default_factory=gr.skip)
+    cosine: Any = field(default_factory=gr.skip)  # the live analysis: cosines after the last step
+    spectra: Any = field(default_factory=gr.skip)  # the chosen layer's spectra after the last step
+    removed: Any = field(default_factory=gr.skip)  # OPCM's removed share per layer × step
+    layer: Any = field(default_factory=gr.skip)  # the layer list, once the run knows its encoder
 
     def outputs(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -194,6 +198,8 @@ class LabHandlers:
     def __init__(self, hosted: bool | None = None, workspaces: Workspaces | None = None):
         self.hosted = hosted_mode() if hosted is None else hosted
         self.workspaces = workspaces or Workspaces()
+        # per session, the layer its running stream takes the spectra of (the page changes it mid-run)
+        self.live_layers: dict[str | None, lab.LiveLayer] = {}
 
     def policy(self, request: gr.Request | None) -> SourcePolicy:
         return SourcePolicy(self.hosted, self.workspaces.uploads(session_of(request)))
@@ -336,13 +342,19 @@ class LabHandlers:
         layout: str = "hf",
         allow_duplicates: bool = False,
         *option_values: Any,
+        spectrum_layer: str | None = None,
         **named_options: Any,
     ) -> Iterator[tuple[Any, ...]]:
-        """Run continual merging and stream (status, figures, table, files, state, method choice) per step.
+        """Run continual merging and stream (status, figures, table, files, state, method choice,
+        live analysis) per step.
 
         Method options come by name through the API (``dop_lr``, ``opcm_alpha``: METHOD_OPTION,
         unnamed ones at their defaults), or by position in the registry's order from Python.
+        ``spectrum_layer`` is the matrix the live spectra show (a label from the layer list; empty:
+        the last block's MLP input weight); :meth:`choose_layer` changes it while the run streams.
         """
+        session = session_of(request)
+        live: lab.LiveLayer | None = None
         try:
             if named_options:
                 if option_values:
@@ -361,10 +373,13 @@ class LabHandlers:
                 option_values,
             ).config(self.policy(request))
             layout = _choice(layout, LAYOUTS, "merged encoder layout")
-            folder = self.workspaces.new_folder(session_of(request), "run")
-            for update in lab.stream(config, folder, fmt=layout):
+            live = lab.LiveLayer(_text(spectrum_layer, "layer", 500).strip() or None)
+            self.live_layers[session] = live
+            folder = self.workspaces.new_folder(session, "run")
+            for update in lab.stream(config, folder, fmt=layout, layer=live):
                 names = list(update.results.methods)
                 heatmap, lines, curves, table = figures_for(update.results, None)
+                cosine, spectra, removed = live_figures(update.results)
                 yield RunView(
                     status=update.status,
                     heatmap=heatmap,
@@ -375,12 +390,42 @@ class LabHandlers:
                     results=update.results.to_json(),
                     shown=gr.update(choices=names, value=names[0]),
                     internals=internals_update(update.results, names[0]),
+                    cosine=cosine,
+                    spectra=spectra,
+                    removed=removed,
+                    layer=gr.update(choices=update.layers, value=update.layer) if update.layers else gr.skip(),
                 ).outputs()
         except MergingError as exc:
             # The status line keeps the message and every other output what the run (or an
             # earlier run) already showed; then the error toast. The event's progress display
             # sits on a hidden component, so the error marks no output.
             yield RunView(status=f"**Error:** {exc}").outputs()
+            raise user_error(exc) from None
+        finally:  # finished, failed or stopped: a later layer change is for the final state
+            if live is not None and self.live_layers.get(session) is live:
+                del self.live_layers[session]
+
+    def choose_layer(self, request: gr.Request, results: dict[str, Any] | None, layer: Any) -> Any:
+        """The layer list changed: while a run streams, its next step shows the new layer; after a
+        run, the spectra of the final state (the last task vector and the merged deltas) at once.
+
+        ``layer`` must be one of the encoder's matrices (empty: the default); anything else is
+        refused with one error naming it, and the running analysis keeps its layer.
+        """
+        try:
+            if layer is not None and not isinstance(layer, str):
+                raise MergingError(f"a layer is named by text, not {layer!r}")
+            live = self.live_layers.get(session_of(request))
+            if live is not None and live.bound:
+                live.choose(layer)
+                return gr.skip()
+            typed = results_from_state(results, strict=True)
+            if typed is None or not typed.completed_steps:
+                return gr.skip()  # nothing to show yet: Run checks the layer against its encoder
+            if typed.downloads and not self.workspaces.owns(session_of(request), typed.downloads):
+                raise MergingError("this run's files belong to another session")
+            return lab.final_spectrum_figure(typed, layer)
+        except MergingError as exc:
             raise user_error(exc) from None
 
     def stopped(self, results: dict[str, Any] | None) -> str:
@@ -519,6 +564,15 @@ def internals_update(results: RunResults | None, method: str | None) -> Any:
         return gr.update(value=None, label="Method internals")
     cls = METHODS[method]
     return gr.update(value=plots.internals_figure(results, method), label=cls.figure_title or f"{cls.title} internals")
+
+
+def live_figures(results: RunResults) -> tuple[Any, Any, Any]:
+    """The live analysis' figures: cosines and spectra after the last step (None before the first),
+    and the per-layer removed share of the first method that reports one (OPCM)."""
+    removed = next(
+        (f for f in (plots.matrix_share_heatmap(results, m) for m in results.methods) if f is not None), None
+    )
+    return plots.live_cosine_figure(results), plots.live_spectrum_figure(results), removed
 
 
 def figures_for(results: RunResults | None, shown: str | None) -> tuple[Any, Any, Any, Any]:
@@ -688,13 +742,23 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         file_count="multiple",
                         interactive=False,
                     )
+                    with gr.Accordion("Live analysis: task vectors and spectra", open=True):
+                        layer = gr.Dropdown(
+                            lab.default_layers(DEFAULT_BACKBONE),
+                            value="",
+                            label="Layer for the spectra",
+                            info="the encoder's matrices by block and type; a change shows from the next step, "
+                            "or at once after the run",
+                            allow_custom_value=True,  # other backbones have other blocks; the handlers check it
+                            elem_id="lab-layer",
+                        )
+                        with gr.Row():
+                            cosine = gr.Plot(label="Cosine similarity", elem_id="lab-plot-cosine")
+                            spectra = gr.Plot(label="Singular-value spectra", elem_id="lab-plot-spectra")
+                        removed = gr.Plot(label="Share removed per layer", elem_id="lab-plot-removed")
+                        analyse_button = gr.Button("Exact analysis of every task vector (reads the checkpoints again)")
                     with gr.Accordion("Method internals (live, of the method shown)", open=False):
                         internals = gr.Plot(label="Method internals", elem_id="lab-plot-internals")
-                    with gr.Accordion("Analysis: task vectors and spectra", open=False):
-                        layer = gr.Textbox(label="Layer for the spectra (empty: the last block's MLP input weight)")
-                        analyse_button = gr.Button("Analyse the run")
-                        cosine = gr.Plot(label="Cosine similarity", elem_id="lab-plot-cosine")
-                        spectra = gr.Plot(label="Singular-value spectra", elem_id="lab-plot-spectra")
                     with gr.Accordion("How the methods work", open=False):
                         gr.Markdown(explanations(), latex_delimiters=[{"left": "$", "right": "$", "display": False}])
                         gr.Markdown(methods_markdown())
@@ -717,6 +781,10 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 "results": results_state,
                 "shown": shown,
                 "internals": internals,
+                "cosine": cosine,
+                "spectra": spectra,
+                "removed": removed,
+                "layer": layer,
             }
             event = run.click(
                 on_gpu(handlers.run_lab),
@@ -734,7 +802,10 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     allow_duplicates,
                 ],
                 # named inputs, so that a script sees dop_lr, opcm_alpha … instead of param_10 …
-                inputs_kwargs=dict(zip(lab.option_parameters(), option_inputs, strict=True)),
+                inputs_kwargs={
+                    **dict(zip(lab.option_parameters(), option_inputs, strict=True)),
+                    "spectrum_layer": layer,
+                },
                 outputs=[view[f.name] for f in fields(RunView)],
                 show_progress_on=[progress_anchor],
                 **compute,
@@ -750,6 +821,9 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
             analyse_button.click(
                 handlers.analyse, [results_state, layer], [cosine, spectra], api_name="analyse", **compute
             )
+            # .input, not .change: the run's own updates of the list must not count as a choice
+            layer.input(handlers.choose_layer, [results_state, layer], [spectra], api_name="layer")
+            backbone.change(lambda: gr.update(value=""), None, layer, api_visibility="private")
         with gr.Tab("Merge and download"):
             gr.Markdown(
                 "Merge checkpoints (Hub ids, embedded ones or your uploads) into their pretrained encoder, then "

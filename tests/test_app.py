@@ -59,9 +59,11 @@ def test_page_offers_its_endpoints_and_every_registered_method():
     The method lists come from the registry, so a method added to it must reach the page.
     """
     endpoints = app.build_app().get_api_info()["named_endpoints"]
-    assert {"/run", "/merge", "/analyse", "/stop"} <= set(endpoints)
+    assert {"/run", "/merge", "/analyse", "/stop", "/layer"} <= set(endpoints)
     run = {p["parameter_name"]: p for p in endpoints["/run"]["parameters"]}
-    assert len(run) == len(lab_inputs())  # every input a script sends, every method's options included
+    # every input a script sends, every method's options included, and the live spectra's layer
+    assert len(run) == len(lab_inputs()) + 1
+    assert run["spectrum_layer"]["parameter_has_default"] and run["spectrum_layer"]["parameter_default"] == ""
     assert run["methods"]["type"]["items"]["enum"] == list(METHODS)
     # every method option is named METHOD_OPTION for a script, none is a bare param_N, and the order seed is optional
     assert [name for name in run if name.startswith("param_")] == []
@@ -124,12 +126,44 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     updates = list(run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
     # two updates before the first step (checkpoints found; reference rows ready), then one per step
     assert len(updates) == 2 + 8 and [u[0].startswith("Step ") for u in updates] == [False] * 2 + [True] * 8
-    status, heatmap, lines, curves, table, files, results, _, internals = updates[-1]
-    assert [f.name for f in fields(RunView)][6:] == ["results", "shown", "internals"]
+    status, heatmap, lines, curves, table, files, results, _, internals, cosine, spectra, removed, _ = updates[-1]
+    assert [f.name for f in fields(RunView)][6:] == [
+        "results",
+        "shown",
+        "internals",
+        "cosine",
+        "spectra",
+        "removed",
+        "layer",
+    ]
     # the internals of the method shown (the first), under the label that method declares
     assert internals["value"] is not None and internals["label"] == METHODS["opcm"].figure_title
     assert status.startswith("Step 8/8") and "Done in" in status
     assert updates[1][1] is None and updates[2][1] is not None  # the matrix appears with the first step
+    # the live analysis: after every step the cosine heatmap gains the new task vector's row ...
+    assert [len(u[9].data[0].z) for u in updates[2:]] == [t + 2 for t in range(1, 9)]  # τ_1..τ_t, two merged
+    assert (
+        cosine.data[0].x[-2:] == ("merged opcm", "merged task_arithmetic")
+        and "after step 8" in cosine.layout.title.text
+    )
+    assert len(results["analysis"]) == 8 and all(a["seconds"] > 0 for a in results["analysis"])
+    # ... and the spectra show the default layer of τ_8 and both merged deltas, with OPCM's α cut on its own curve
+    assert spectra.layout.title.text.startswith("Spectra of block 3 · mlp.c_fc after step 8")
+    assert [t.name for t in spectra.data if t.showlegend is not False] == [
+        f"τ8 {results['tasks'][-1]}",
+        "merged opcm",
+        "merged task_arithmetic",
+    ]
+    assert any(a.text.startswith("opcm α = 0.5: r = ") for a in spectra.layout.annotations)
+    # OPCM's removed share per layer × step: 24 matrices of the mini encoder, none removed at step 1
+    assert len(removed.data[0].y) == 24 and removed.data[0].y[0] == "block 0 · attn.q"
+    assert all(row[0] is None and all(0 <= v <= 100 for v in row[1:]) for row in removed.data[0].z)
+    layer_list = updates[0][12]  # once, when the run knows its encoder: the default first, then every matrix
+    assert layer_list["value"] == "" and layer_list["choices"][:2] == [
+        ("default (block 3 · mlp.c_fc)", ""),
+        ("block 0 · attn.q", "transformer.resblocks.0.attn.in_proj_weight[q]"),
+    ]
+    assert all(u[12] == gr.skip() for u in updates[1:])
     # before step 1 (the tables are Stylers: their numbers are .data)
     assert updates[0][4].data.empty and updates[1][4].data["method"].tolist() == ["pretrained", "finetuned"]
     assert len(heatmap.data[0].z) == 8 and len(curves.data) == 8 and len(lines.data) >= 4
@@ -243,6 +277,37 @@ def test_analysis_reads_the_run(private_cache):
     assert any("mask mean" in (t.name or "") for t in otmf.data)
     with pytest.raises(gr.Error, match="no matrix 'nope'"):
         HANDLERS.analyse(None, results, "nope")
+
+
+def test_the_spectra_follow_a_layer_changed_mid_run_and_bad_layers_are_refused(private_cache):
+    three = "\n".join(lab.preset_text("mini-8", "mini").splitlines()[:3])
+    query = "transformer.resblocks.0.attn.in_proj_weight[q]"
+    stream = run_lab(*lab_inputs(checkpoints=three))
+    updates = [next(stream) for _ in range(3)]  # checkpoints found, reference rows, step 1
+    assert "block 3 · mlp.c_fc after step 1" in updates[-1][10].layout.title.text
+    with pytest.raises(gr.Error, match=r"no matrix 'transformer\.resblocks\.9\.mlp\.c_fc\.weight' in this encoder"):
+        HANDLERS.choose_layer(None, updates[-1][6], "transformer.resblocks.9.mlp.c_fc.weight")
+    assert HANDLERS.choose_layer(None, updates[-1][6], query) == gr.skip()  # shown from the next step
+    updates += list(stream)
+    titles = [u[10].layout.title.text for u in updates[3:]]
+    assert [t.split(" after")[0] for t in titles] == ["Spectra of block 0 · attn.q"] * 2
+    results = updates[-1][6]
+    assert [a["layer"] for a in results["analysis"]] == ["transformer.resblocks.3.mlp.c_fc.weight", query, query]
+    assert HANDLERS.live_layers == {}  # the run is over: a change is for the final state, at once
+    final = HANDLERS.choose_layer(None, results, "transformer.resblocks.2.mlp.c_proj.weight")
+    assert final.layout.title.text.startswith("Spectra of block 2 · mlp.c_proj after step 3")
+    assert [t.name for t in final.data if t.showlegend is not False] == [f"τ3 {results['tasks'][-1]}", "merged opcm"]
+    # the final state's τ_3 spectrum of the run's own layer equals the live one
+    again = HANDLERS.choose_layer(None, results, query)
+    assert list(again.data[0].y) == pytest.approx(results["analysis"][-1]["task_spectrum"], rel=1e-4)
+    for bad, message in ((["a list"], "a layer is named by text"), ("nope", "no matrix 'nope' in this encoder")):
+        with pytest.raises(gr.Error, match=message):
+            HANDLERS.choose_layer(None, results, bad)
+    # the run itself refuses a bad layer before any work, naming it
+    updates, toast = updates_until_error(
+        HANDLERS.run_lab(None, *lab_inputs(checkpoints=three), spectrum_layer="block 3 · mlp.c_fc")
+    )
+    assert toast.startswith("no matrix 'block 3 · mlp.c_fc' in this encoder") and len(updates) == 1
 
 
 # ---------------------------------------------------------------- the page over HTTP

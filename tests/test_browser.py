@@ -51,14 +51,27 @@ def test_default_run_renders_every_live_plot_and_downloads(page, tmp_path):
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Done in").wait_for(timeout=120_000)
     plots = page.locator(".js-plotly-plot")
-    assert plots.count() == 3
+    assert plots.count() == 6  # matrix, ACC/BWT, curves; the live cosines, spectra and OPCM's removed share
     heatmap, lines, curves = (plots.nth(i) for i in range(3))
     assert heatmap.locator(".hm, .heatmaplayer image").count() >= 1
     assert heatmap.locator(".textpoint, text").filter(has_text=re.compile(r"^\d+\.\d$")).count() >= 36  # 8·9/2 cells
     assert lines.locator(".scatterlayer .trace").count() >= 3  # opcm and the two reference lines (+ BWT)
     assert curves.locator(".scatterlayer .trace").count() == 8  # one per task
     assert page.get_by_role("cell", name="opcm").count() >= 1
+    cosine = page.locator("#lab-plot-cosine .js-plotly-plot")
+    assert cosine.evaluate("el => el.data[0].z.length") == 9  # eight task vectors and OPCM's merged delta
+    spectra = page.locator("#lab-plot-spectra .js-plotly-plot")
+    assert spectra.evaluate("el => el.layout.title.text").startswith("Spectra of block 3 · mlp.c_fc after step 8")
+    assert page.locator("#lab-plot-removed .js-plotly-plot").count() == 1
     page.screenshot(path=str(ARTIFACTS / "lab-default-run.png"), full_page=True)
+    # after the run, another layer from the list shows at once, for the final state
+    page.locator("#lab-layer input").click()
+    page.get_by_role("option", name="block 0 · attn.q", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#lab-plot-spectra .js-plotly-plot')?.layout.title.text"
+        ".startsWith('Spectra of block 0 · attn.q')",
+        timeout=60_000,
+    )
     results = download_results(page, tmp_path)
     assert results["completed_steps"] == 8 and results["tasks"][0] == "mini-land-cover"
     assert 0.5 < results["methods"]["opcm"]["acc"] < 1.0
@@ -76,7 +89,7 @@ def test_stop_keeps_the_steps_already_shown_and_says_stopped(page, tmp_path):
     assert acknowledged.inner_text() == stopped and "stay in the downloads" in stopped
     completed = int(re.search(r"step (\d+) of 8", stopped).group(1))
     assert 2 <= completed < 8
-    assert page.locator(".js-plotly-plot").count() == 3
+    assert page.locator(".js-plotly-plot").count() == 6
     page.screenshot(path=str(ARTIFACTS / "lab-stopped.png"), full_page=True)
     results = download_results(page, tmp_path)
     assert results["completed_steps"] == completed and set(results["methods"]) == {"opcm", "otmf"}

@@ -98,3 +98,59 @@ def test_spectrum_figure_marks_the_alpha_cut():
     cumulative = [list(t.y) for t in figure.data if t.showlegend is False]
     assert cumulative == [pytest.approx([0.75, 1.0]), pytest.approx([0.5, 1.0])]
     assert any(shape.y0 == 0.5 for shape in figure.layout.shapes)
+
+
+def with_analysis() -> RunResults:
+    """Three steps with OPCM's per-matrix diagnostics and the live analysis, as results.json holds them."""
+    data = results_json()
+    steps = data["methods"]["opcm"]["steps"]
+    q, fc = "transformer.resblocks.1.attn.in_proj_weight[q]", "transformer.resblocks.0.mlp.c_fc.weight"
+    steps[1] = {
+        **steps[1],
+        "diagnostics": {"matrices": {fc: {"split": 1, "removed_share": 0.2}, q: {"split": 0, "removed_share": 0.1}}},
+    }
+    steps[2] = {
+        **steps[2],
+        "diagnostics": {"matrices": {fc: {"split": 1, "removed_share": 0.4}, q: {"split": 1, "removed_share": 0.3}}},
+    }
+    tasks = data["tasks"]
+    data["analysis"] = [
+        {
+            "step": t,
+            "task": tasks[t - 1],
+            "layer": fc,
+            "layer_name": "block 0 · mlp.c_fc",
+            "task_norm": 1.0,
+            "task_cosines": [0.1 * i for i in range(1, t)],
+            "merged_norms": {"opcm": 1.0},
+            "merged_cosines": {"opcm": [0.5] * t},
+            "merged_pairs": {},
+            "task_spectrum": [3.0, 1.0],
+            "merged_spectra": {"opcm": [2.0, 1.0, 1.0]},
+            "exact": False,
+            "sketch_dimension": 2**19,
+            "seconds": 0.1,
+        }
+        for t in (1, 2, 3)
+    ]
+    return RunResults.from_json(data)
+
+
+def test_live_analysis_figures_and_the_removed_share_heatmap():
+    data = with_analysis()
+    assert RunResults.from_json(data.to_json()).analysis == data.analysis  # kept in results.json
+    cosine = plots.live_cosine_figure(data)
+    assert list(cosine.data[0].x) == ["τ1 sun397", "τ2 stanford-cars", "τ3 resisc45", "merged opcm"]
+    z = [list(row) for row in cosine.data[0].z]
+    assert z[2][:3] == pytest.approx([0.1, 0.2, 1.0]) and z[0][2] == pytest.approx(0.1) and z[3][0] == 0.5
+    assert "sketch" in cosine.layout.title.text and "after step 3" in cosine.layout.title.text
+    spectra = plots.live_spectrum_figure(data)
+    assert spectra.layout.title.text == "Spectra of block 0 · mlp.c_fc after step 3 (+resisc45)"
+    # OPCM's α = 0.5 on its own merged curve: shares 0.5, 0.75, 1 → one direction at or below α
+    assert [a.text for a in spectra.layout.annotations][-2:] == ["opcm α = 0.5", "opcm α = 0.5: r = 1"]
+    assert any(shape.x0 == 0.5 for shape in spectra.layout.shapes)
+    removed = plots.matrix_share_heatmap(data, "opcm")
+    assert list(removed.data[0].y) == ["block 0 · mlp.c_fc", "block 1 · attn.q"]
+    assert [list(row) for row in removed.data[0].z] == [[None, 20.0, 40.0], [None, 10.0, 30.0]]
+    assert plots.matrix_share_heatmap(results(), "opcm") is None  # no per-matrix diagnostics: no figure
+    assert plots.live_cosine_figure(results()) is None and plots.live_spectrum_figure(results()) is None

@@ -13,7 +13,7 @@ Nothing here imports torch, so the plots and the app's state stay light.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from merging.errors import MergingError
@@ -145,6 +145,34 @@ class MethodResults:
 
 
 @dataclass
+class AnalysisStep:
+    """The live analysis after one step (:mod:`merging.experiment.live_analysis`): the new task
+    vector τ_t against the earlier ones and each method's merged delta Δ_m, and one layer's spectra."""
+
+    step: int
+    task: str
+    layer: str  # the matrix whose spectra were taken (a label the family's get_matrix takes)
+    layer_name: str  # how the page names it, e.g. "block 3 · mlp.c_fc"
+    task_norm: float  # ‖τ_t‖, exact
+    task_cosines: list[float]  # cos(τ_t, τ_i) for i < t (sketched unless ``exact``)
+    merged_norms: dict[str, float]  # ‖Δ_m‖ after this step, exact
+    merged_cosines: dict[str, list[float]]  # cos(Δ_m, τ_i) for i ≤ t (i = t exact, i < t sketched unless exact)
+    merged_pairs: dict[str, dict[str, float]]  # cos(Δ_a, Δ_b) for a listed before b, exact
+    task_spectrum: list[float]  # singular values of τ_t's layer, descending
+    merged_spectra: dict[str, list[float]]  # singular values of each Δ_m's layer
+    exact: bool  # True when the encoder fits in the sketch and every cosine is exact
+    sketch_dimension: int
+    seconds: float  # what the analysis of this step took
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AnalysisStep:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass
 class RunResults:
     """A run's results: its configuration (as saved, replayable), tasks, reference rows, methods."""
 
@@ -154,6 +182,7 @@ class RunResults:
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     downloads: str | None = None  # the app's session folder holding this run's files
+    analysis: list[AnalysisStep] = field(default_factory=list)  # the live analysis, one entry per step analysed
 
     @property
     def completed_steps(self) -> int:
@@ -166,7 +195,7 @@ class RunResults:
     def snapshot(self, **changes: Any) -> RunResults:
         """A copy that later steps of the run do not change (the steps themselves are shared)."""
         methods = {n: replace(m, steps=list(m.steps)) for n, m in self.methods.items()}
-        return replace(self, methods=methods, warnings=list(self.warnings), **changes)
+        return replace(self, methods=methods, warnings=list(self.warnings), analysis=list(self.analysis), **changes)
 
     def to_json(self) -> dict[str, Any]:
         data = {
@@ -180,6 +209,8 @@ class RunResults:
         }
         if self.downloads is not None:
             data["downloads"] = self.downloads
+        if self.analysis:
+            data["analysis"] = [a.to_json() for a in self.analysis]
         return data
 
     @classmethod
@@ -198,6 +229,7 @@ class RunResults:
             methods = {
                 str(name): MethodResults.from_json(str(name), method, tasks) for name, method in data["methods"].items()
             }
+            analysis = [AnalysisStep.from_json(a) for a in data.get("analysis") or []]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise MergingError(f"not a results file of the lab: {exc!r}") from None
         downloads = data.get("downloads")
@@ -208,4 +240,5 @@ class RunResults:
             reference=dict(data.get("reference") or {}),
             warnings=list(data.get("warnings", [])),
             downloads=str(downloads) if downloads else None,
+            analysis=analysis,
         )

@@ -161,13 +161,92 @@ class LabRequest:
 
 @dataclass
 class LabUpdate:
-    """The state of a run after ``completed`` of ``total`` steps."""
+    """The state of a run after ``completed`` of ``total`` steps.
+
+    ``layers`` (name, label) lists the encoder's matrices for the spectra (:func:`with_default`),
+    grouped by block and type, once the run knows them (on the update after the checkpoints are
+    found; empty on the others); ``layer`` is the choice as given ("" for the default).
+    """
 
     results: RunResults
     completed: int
     total: int
     status: str
     files: list[Path]
+    layers: list[tuple[str, str]] = field(default_factory=list)
+    layer: str | None = None
+
+
+class LiveLayer:
+    """The layer a running stream takes the spectra of, which the page may change mid-run.
+
+    The run binds it to its encoder's matrices (:meth:`bind`); :meth:`choose` checks a new
+    choice against them, so a bad value is refused with one error naming it and the running
+    analysis never sees it. The next step's spectra are of the new layer.
+    """
+
+    def __init__(self, layer: str | None = None):
+        self.requested = layer
+        self.labels: list[str] = []
+        self.default: str | None = None
+        self.value: str | None = None
+
+    @property
+    def bound(self) -> bool:
+        return bool(self.labels)
+
+    def bind(self, labels: Sequence[str], default: str | None) -> str:
+        """Fix the valid labels (the run's encoder) and check the requested layer against them."""
+        from merging.experiment.live_analysis import check_layer
+
+        self.labels, self.default = list(labels), default
+        self.value = check_layer(self.requested, self.labels, default)
+        return self.value
+
+    def choose(self, layer: object) -> str:
+        """A new choice (None or "": the default), checked against the bound encoder."""
+        from merging.experiment.live_analysis import check_layer
+
+        self.value = check_layer(layer, self.labels, self.default)
+        return self.value
+
+    def __call__(self) -> str | None:
+        return self.value
+
+
+def with_default(layers: Sequence[tuple[str, str]], default: str | None) -> list[tuple[str, str]]:
+    """The page's layer list: first "default (block 11 · mlp.c_fc)" with the value "" (whatever the
+    encoder's default is, so it follows a change of backbone), then every matrix."""
+    name = next((n for n, label in layers if label == default), None)
+    return ([(f"default ({name})", "")] if name else []) + list(layers)
+
+
+def default_layers(backbone: str) -> list[tuple[str, str]]:
+    """The layer list the page opens with (:func:`with_default`): the embedded backbone's matrices,
+    read from its file's header, no network. Other backbones' lists come with their first run."""
+    from merging.evaluation.backbones import MINI, backbone_directory
+    from merging.experiment.live_analysis import layer_choices
+    from merging.io.checkpoints import open_encoder
+
+    if backbone != MINI:
+        return []
+    try:
+        reader = open_encoder(backbone_directory(MINI) / "open_clip_model.safetensors")
+    except (MergingError, OSError):  # a checkout without the mini benchmark: Run says what is missing
+        return []
+    keys = list(reader)
+    family = reader.family
+    layers = layer_choices(family.matrix_labels(keys), family.matrix_type)
+    return with_default(layers, family.default_spectrum_label(keys))
+
+
+def encoder_layers(run: ContinualRun) -> tuple[list[tuple[str, str]], str | None]:
+    """The run's matrices as the page lists them (name, label), grouped by block and type, and the default."""
+    from merging.experiment.live_analysis import layer_choices
+
+    family = run.experiment.family
+    keys = list(run.experiment.base)
+    return layer_choices(family.matrix_labels(keys), family.matrix_type), family.default_spectrum_label(keys)
 
 
 SMALL_ENCODER_BYTES = 64 * 2**20  # below this the merged encoders are saved after every step
@@ -193,15 +272,26 @@ def write_downloads(run: ContinualRun, folder: Path, encoders: bool, fmt: str = 
     return written
 
 
-def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpdate]:
+def stream(
+    config: RunConfig, folder: Path, fmt: str = "hf", layer: LiveLayer | str | None = None
+) -> Iterator[LabUpdate]:
     """Run ``config``; yield once the reference rows are known, then after every step.
 
-    The downloadable files are rewritten after every step, so whatever stops the run
-    (the Stop button, an error in a later checkpoint) leaves the completed steps on disk.
+    After every step the live analysis (:mod:`merging.experiment.live_analysis`) adds the new
+    task vector's cosines and the spectra of ``layer`` (a :class:`LiveLayer` the page may change
+    mid-run, or a label; None: the family's default) to the results. The downloadable files are
+    rewritten after every step, even when the analysis fails, so whatever stops the run (the
+    Stop button, an error in a later checkpoint) leaves the completed steps on disk.
     """
+    from merging.experiment.live_analysis import LiveAnalysis
+
     started = time.perf_counter()
     run = ContinualRun(config)
     run.prepare()  # backbone, checkpoints and datasets found and checked before the first update
+    live = layer if isinstance(layer, LiveLayer) else LiveLayer(layer)
+    layers, default = encoder_layers(run)
+    live.bind([label for _, label in layers], default)  # a bad layer is refused before any work
+    analysis = LiveAnalysis(layer=live)
     total = len(config.checkpoints)
     yield LabUpdate(
         run.results(references=False).snapshot(),
@@ -209,6 +299,8 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
         total,
         "Checkpoints found; evaluating the pretrained and fine-tuned models…",
         [],
+        with_default(layers, default),
+        live.requested or "",
     )
     run.references  # noqa: B018 (before the first step, so the reference lines show at once)
     warning = "".join(f"\n\n⚠ {w}" for w in run.warnings)
@@ -222,13 +314,17 @@ def stream(config: RunConfig, folder: Path, fmt: str = "hf") -> Iterator[LabUpda
     encoder_bytes = sum(t.numel() * 4 for t in run.backbone.model.visual.state_dict().values())
     for report in run.steps():
         small = encoder_bytes <= SMALL_ENCODER_BYTES
-        files = write_downloads(run, folder, encoders=small or report.step == report.total, fmt=fmt)
+        try:
+            analysed = analysis.observe_run(run, report)
+        finally:  # the step's results reach the downloads whatever the analysis did
+            files = write_downloads(run, folder, encoders=small or report.step == report.total, fmt=fmt)
         results = run.results()
         parts = [
             f"{name} ACC {100 * (results.methods[name].acc or 0.0):.1f}% "
             f"({s.merge_seconds:.2f} s merge + {s.eval_seconds:.2f} s eval)"
             for name, s in report.methods.items()
         ]
+        parts.append(f"live analysis {analysed.seconds:.2f} s")
         status = f"Step {report.step}/{report.total} (+{report.task}): " + "; ".join(parts)
         if report.step == report.total:
             status += f". Done in {time.perf_counter() - started:.1f} s."
@@ -260,12 +356,14 @@ def warm_up(config: RunConfig) -> None:
 
 
 def analysis_figures(results: RunResults, layer: str | None = None):
-    """Cosine similarities of the run's task vectors and merged deltas, and spectra of ``layer``.
+    """Cosine similarities of the run's task vectors and merged deltas, and spectra of ``layer``, all exact.
 
-    Checkpoints are read lazily, one parameter at a time; the merged encoders come from the
-    run's downloads folder."""
+    The fallback to the live analysis after a run: every task vector at once, each cosine
+    exact. Checkpoints are read lazily, one parameter at a time (T copies of one parameter,
+    never T encoders); the merged encoders come from the run's downloads folder."""
     from merging.analysis import cosine_similarity_matrix, singular_values
     from merging.evaluation.backbones import load_backbone
+    from merging.experiment.live_analysis import check_layer
     from merging.io.checkpoints import open_encoder
     from merging.ui import plots
 
@@ -275,31 +373,58 @@ def analysis_figures(results: RunResults, layer: str | None = None):
         raise MergingError("no step has completed yet")
     base = load_backbone(config["backbone"]).visual_state()
     models = [open_encoder(locate(c["source"])) for c in config["checkpoints"][:completed]]
-    names = [f"τ {task}" for task in results.tasks[:completed]]
+    names = [f"τ{t} {task}" for t, task in enumerate(results.tasks[:completed], 1)]
     folder = Path(results.downloads or "")
     for method in results.methods:
         path = folder / f"merged-{method}.safetensors"
         if results.downloads and path.is_file():
             models.append(open_encoder(path))
             names.append(f"merged {method}")
+    family = models[0].family
+    keys = [k for k in base if k in models[0]]
+    layer = check_layer(layer, family.matrix_labels(keys), family.default_spectrum_label(keys))
     similarity = cosine_similarity_matrix(models, base)
-    if layer is None:
-        layer = models[0].family.default_spectrum_label(base)
-        if layer is None:
-            raise MergingError("this model family has no matrices whose spectra could be shown")
-    try:
-        spectra = {
-            name: singular_values(model, layer, base).tolist() for name, model in zip(names, models, strict=True)
-        }
-    except (KeyError, ValueError) as exc:
-        raise MergingError(f"no matrix {layer!r} in the encoder ({exc})") from None
-    marks = {
-        label: level
-        for name, method in results.methods.items()
-        if name in METHODS
-        for label, level in METHODS[name].spectrum_marks(method.options).items()
-    }
-    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, marks)
+    spectra = {name: singular_values(model, layer, base).tolist() for name, model in zip(names, models, strict=True)}
+    merged = {method: f"merged {method}" for method in results.methods if f"merged {method}" in spectra}
+    levels, cuts = plots.spectra_with_cuts(spectra, merged, plots.spectrum_marks(results))
+    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, levels, cuts)
+
+
+def final_spectrum_figure(results: RunResults, layer: object):
+    """The live spectra's figure for another layer after the run: the last analysed step's task
+    vector and each method's merged delta, read from the checkpoint and the run's downloads.
+
+    A method whose merged encoder is not in the downloads (a large encoder stopped before its
+    last step) is left out. ``layer`` is checked against the encoder's matrices (None or "": the
+    default), with one error naming a bad value.
+    """
+    from merging.analysis import singular_values
+    from merging.evaluation.backbones import load_backbone
+    from merging.experiment.live_analysis import check_layer, layer_name
+    from merging.io.checkpoints import open_encoder
+    from merging.ui import plots
+
+    completed = results.completed_steps
+    if completed == 0:
+        raise MergingError("no step has completed yet")
+    step = completed
+    task = results.tasks[step - 1]
+    checkpoint = open_encoder(locate(results.config["checkpoints"][step - 1]["source"]))
+    base = load_backbone(results.config["backbone"]).visual_state()
+    family = checkpoint.family
+    keys = [k for k in base if k in checkpoint]
+    label = check_layer(layer, family.matrix_labels(keys), family.default_spectrum_label(keys))
+    spectra = {f"τ{step} {task}": singular_values(checkpoint, label, base).tolist()}
+    names = {}
+    folder = Path(results.downloads or "")
+    for method in results.methods:
+        path = folder / f"merged-{method}.safetensors"
+        if results.downloads and path.is_file():
+            names[method] = f"merged {method}"
+            spectra[names[method]] = singular_values(open_encoder(path), label, base).tolist()
+    levels, cuts = plots.spectra_with_cuts(spectra, names, plots.spectrum_marks(results))
+    title = f"Spectra of {layer_name(label, family.matrix_type(label))} after step {step} (+{task})"
+    return plots.spectrum_figure(spectra, label, levels, cuts, title=title)
 
 
 def _hub_repo(repo_id: str, token: str) -> str:

@@ -202,13 +202,19 @@ def cosine_heatmap(similarity: Sequence[Sequence[float]], names: Sequence[str]) 
 
 
 def spectrum_figure(
-    spectra: Mapping[str, Sequence[float]], layer: str, marks: Mapping[str, float] | None = None
+    spectra: Mapping[str, Sequence[float]],
+    layer: str,
+    marks: Mapping[str, float] | None = None,
+    cuts: Mapping[str, int] | None = None,
+    title: str | None = None,
 ) -> go.Figure:
     """Singular values and the normalised cumulative spectrum of one layer, with the methods' marks.
 
     The cumulative curve is :func:`merging.analysis.cumulative_share`, the share OPCM's split
     cuts at α, so a method's mark (``spectrum_marks``: OPCM's α) meets the curve where the merge
-    made its cut. Torch is imported here, not at the top, so that loading the figures stays free of it.
+    made its cut. ``cuts`` (name → r) draw that cut on the singular values too: the r leading
+    directions left of the line are the ones the cut keeps. Torch is imported here, not at the
+    top, so that loading the figures stays free of it.
     """
     import torch
 
@@ -229,8 +235,113 @@ def spectrum_figure(
         figure.add_hline(
             y=level, line=dict(dash="dash", color="#444"), row=1, col=2, annotation_text=f"{label} = {level:g}"
         )
+    for label, rank in (cuts or {}).items():
+        figure.add_vline(
+            x=rank - 0.5, line=dict(dash="dot", color="#444"), row=1, col=1, annotation_text=f"{label}: r = {rank}"
+        )
     figure.update_yaxes(type="log", row=1, col=1)
-    return styled(figure, f"Spectra of {layer}")
+    figure.update_xaxes(title_text="index")
+    return styled(figure, title or f"Spectra of {layer}")
+
+
+def spectrum_marks(results: RunResults) -> dict[str, dict[str, float]]:
+    """Per method of the run, the levels it cuts the cumulative spectrum at (OPCM: α), from its options."""
+    from merging.methods import METHODS
+
+    return {
+        name: dict(METHODS[name].spectrum_marks(method.options))
+        for name, method in results.methods.items()
+        if name in METHODS and METHODS[name].spectrum_marks(method.options)
+    }
+
+
+def spectra_with_cuts(
+    spectra: Mapping[str, Sequence[float]], merged: Mapping[str, str], marks: Mapping[str, Mapping[str, float]]
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The marks to draw (``"opcm α"`` → level) and where each cuts its own method's merged curve.
+
+    ``merged`` maps a method to its curve's name in ``spectra``. The cut is the number of leading
+    singular values whose cumulative share is ≤ the level (:func:`merging.analysis.cumulative_share`,
+    as OPCM's split counts them): the directions that method's next step protects.
+    """
+    import torch
+
+    from merging.analysis import cumulative_share
+
+    levels: dict[str, float] = {}
+    cuts: dict[str, int] = {}
+    for method, method_marks in marks.items():
+        for mark, level in method_marks.items():
+            label = f"{method} {mark}"
+            levels[label] = level
+            values = spectra.get(merged.get(method, ""))
+            if values:
+                exceeds = cumulative_share(torch.tensor([float(v) for v in values], dtype=torch.float64)) > level
+                cuts[f"{label} = {level:g}"] = int(torch.argmax(exceeds.to(torch.int8))) if bool(exceeds.any()) else 0
+    return levels, cuts
+
+
+def live_cosine_figure(results: RunResults) -> go.Figure | None:
+    """The live cosine heatmap after the last analysed step (None before the first)."""
+    from merging.experiment.live_analysis import cosine_table
+
+    if not results.analysis:
+        return None
+    table = cosine_table(results.analysis)
+    figure = cosine_heatmap(table.values, table.names)
+    last = results.analysis[-1]
+    note = f" (τ·τ from a {last.sketch_dimension:,}-bucket sketch, ±0.01)" if table.sketched else ""
+    return styled(figure, f"Cosine similarity after step {last.step}{note}", height=figure.layout.height)
+
+
+def live_spectrum_figure(results: RunResults) -> go.Figure | None:
+    """The chosen layer's spectra after the last analysed step: the new task vector's and each
+    merged delta's, with each method's cut (OPCM's α) on its own merged curve."""
+    if not results.analysis:
+        return None
+    last = results.analysis[-1]
+    spectra = {f"τ{last.step} {last.task}": last.task_spectrum}
+    names = {m: f"merged {m}" for m in last.merged_spectra}
+    spectra.update({names[m]: values for m, values in last.merged_spectra.items()})
+    levels, cuts = spectra_with_cuts(spectra, names, spectrum_marks(results))
+    title = f"Spectra of {last.layer_name} after step {last.step} (+{last.task})"
+    return spectrum_figure(spectra, last.layer, levels, cuts, title=title)
+
+
+def matrix_share_heatmap(results: RunResults, method: str, quantity: str = "removed_share") -> go.Figure | None:
+    """Layers × steps heatmap of a per-matrix share a method reports in its ``matrices`` diagnostic
+    (OPCM: the share of each matrix's task vector the projection removed), in percent; None if
+    the method reports none. Rows are grouped by block, attention before the MLP."""
+    from merging.experiment.live_analysis import layer_choices
+    from merging.families.clip_vit.matrices import matrix_type
+
+    if method not in results.methods:
+        return None
+    steps = results.methods[method].steps
+    columns = [s.diagnostics.get("matrices") or {} for s in steps]
+    labels = list(dict.fromkeys(label for column in columns for label in column))
+    if not any(quantity in column.get(label, {}) for column in columns for label in labels):
+        return None
+    rows = layer_choices(labels, matrix_type)
+    z = [
+        [None if quantity not in column.get(label, {}) else 100 * float(column[label][quantity]) for column in columns]
+        for _, label in rows
+    ]
+    figure = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=_step_labels(results, len(steps)),
+            y=[name for name, _ in rows],
+            zmin=0,
+            colorscale="Reds",
+            hovertemplate="%{y} at step %{x}: %{z:.1f}%<extra></extra>",
+            colorbar=dict(title="%"),
+        )
+    )
+    figure.update_yaxes(autorange="reversed")
+    pretty = quantity.replace("_", " ")
+    height = 140 + (18 if len(rows) <= 24 else 12) * len(rows)
+    return styled(figure, f"{method}: {pretty} of each layer's task vector, per step", height=height)
 
 
 def internals_figure(results: RunResults, method: str) -> go.Figure | None:
