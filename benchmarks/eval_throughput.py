@@ -5,7 +5,9 @@
 Evaluation: open_clip's ViT-B-32 (QuickGELU, random init) on a parquet split of JPEG images
 (random 320 × 240 pictures, so decoding and resizing do real work), three ways in one run:
 cold (decode + preprocess + network; the named baseline), warm from the disk cache (a new
-process's second run) and warm in memory (the same process's next step). Loading: a
+process's second run) and warm in memory (the same process's next step). The decode stage
+alone: the project's :func:`decode_images` on one thread and on torch's thread count, against
+plain PIL on one thread (decode, bicubic resize of the short side, centre crop). Loading: a
 ViT-B/32 CLIPVisionModel checkpoint in safetensors read through ``open_encoder(...).load()``
 (memory-mapped, converted to canonical keys) against a plain ``safetensors.torch.load_file``
 of the same file, with the host's peak resident memory increase over the file's size.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import VIT_B_32, random_vit
 from merging.compute.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
 from merging.evaluation.backbones import Backbone, Preprocess
+from merging.evaluation.datasets import decode_images
 from merging.evaluation.evaluator import Evaluator
 from merging.evaluation.tasks import DatasetRef, Task
 from merging.families.clip_vit.saving import save_encoder
@@ -91,6 +94,44 @@ def evaluation(device: torch.device, count: int) -> None:
         print(f"{label:<34}{seconds:9.2f}{count / seconds:10.1f}{cold / seconds:8.2f}x")
 
 
+def plain_pil(encoded: list[bytes], size: int) -> None:
+    """The named baseline for the decode stage: PIL on one thread, resize of the short side and crop."""
+    for data in encoded:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        width, height = image.size
+        scale = size / min(width, height)
+        image = image.resize((round(width * scale), round(height * scale)), Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def decode_stage(count: int) -> None:
+    """Decode and preprocess alone (no network): the project's path against plain PIL on one thread."""
+    with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
+        write_split(Path(tmp) / "data", count)
+        file = next((Path(tmp) / "data").rglob("*.parquet"))
+        encoded = [cell["bytes"] for cell in pq.read_table(file).column("image").to_pylist()]
+    spec = Preprocess(224)
+    threads = torch.get_num_threads()
+    rows = [("plain PIL, one thread (baseline)", lambda: plain_pil(encoded, spec.image_size))]
+    for n in (1, threads):
+        rows.append((f"decode_images, {n} thread{'s' * (n > 1)}", lambda n=n: decode_images(encoded, spec, n)))
+    timings = []
+    for label, work in rows:
+        seconds = min(_seconds(work) for _ in range(3))  # the best of three: other load only slows a run down
+        timings.append((label, seconds))
+    print(f"decode + preprocess, {count} JPEG images 320x240 -> 224x224 (best of 3)")
+    print(f"{'':<34}{'seconds':>9}{'images/s':>10}{'vs baseline':>13}")
+    for label, seconds in timings:
+        print(f"{label:<34}{seconds:9.2f}{count / seconds:10.1f}{timings[0][1] / seconds:12.2f}x")
+
+
+def _seconds(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def loading() -> None:
     pretrained = random_vit(VIT_B_32)
     with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
@@ -136,6 +177,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     args = parser.parse_args()
     loading()
+    decode_stage(args.images)
     evaluation(resolve_device(args.device), args.images)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from merging.errors import MergingError
 from merging.evaluation.backbones import load_backbone
-from merging.evaluation.datasets import ImageCache, normalise, preprocess_image, sample_indices
+from merging.evaluation.datasets import ImageCache, decode_images, normalise, preprocess_image, sample_indices
 from merging.evaluation.evaluator import Evaluator
 from merging.evaluation.tasks import parse_registry
 from merging.evaluation.zeroshot import build_head
@@ -101,6 +101,35 @@ def test_preprocessing_matches_open_clip(tiny_backbone):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 41, 3), dtype=np.uint8))
     ours = normalise(preprocess_image(image, spec)[None], spec)[0]
     torch.testing.assert_close(ours, transform(image), atol=1e-6, rtol=0)
+
+
+def test_parallel_decoding_equals_one_image_at_a_time(tiny_backbone):
+    rng = np.random.default_rng(5)
+    encoded = []
+    for index in range(9):  # JPEG and PNG, landscape, portrait, greyscale: every branch of the resize
+        shape = (20 + 3 * index, 31 - index) if index % 3 else (25, 25)
+        pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).convert("L" if index == 4 else "RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG" if index % 2 else "PNG")
+        encoded.append(buffer.getvalue())
+    spec = tiny_backbone.preprocess
+    expected = torch.stack([preprocess_image(Image.open(io.BytesIO(data)), spec) for data in encoded])
+    for workers in (1, 2, 4):
+        decoded = decode_images(encoded, spec, workers)
+        assert decoded.is_contiguous() and torch.equal(decoded, expected)
+
+
+def test_an_undecodable_image_is_named_by_task_and_row(tmp_path, tiny_backbone):
+    images, labels = colour_images(6)
+    write_dataset(tmp_path / "toy", "test", images, labels)
+    path = tmp_path / "toy" / "data" / "test-00000-of-00001.parquet"
+    table = pq.read_table(path).to_pydict()
+    table["image"][4] = {"bytes": b"not an image", "path": None}
+    pq.write_table(pa.table(table), path)
+    task = registry_for(tmp_path / "toy").get("toy")
+    with pytest.raises(MergingError, match=r"task toy: the image in row 4 of split 'test' cannot be decoded"):
+        ImageCache(tmp_path / "cache").load(task, "test", tiny_backbone.preprocess, limit=None)
 
 
 def test_sample_cap_is_deterministic_and_ordered():
