@@ -40,12 +40,17 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from merging.errors import MergingError
 from merging.experiment.results import AnalysisStep
+
+if TYPE_CHECKING:
+    from merging.experiment.runner import ContinualRun, StepReport
+    from merging.families.base import ModelFamily
 
 SKETCH_DIMENSION = 2**19  # buckets k: cosine error ≤ √(2/k) ≈ 0.00195 standard deviation (module docstring)
 SKETCH_SEED = 0
@@ -221,7 +226,7 @@ class LiveAnalysis:
         pretrained: Mapping[str, Tensor],
         merged: Mapping[str, Mapping[str, Tensor]],
         keys: Sequence[str],
-        family,
+        family: ModelFamily,
     ) -> AnalysisStep:
         """Analyse step ``step`` (1-based): τ_t = checkpoint − pretrained against the earlier task
         vectors and each method's merged delta ``merged[m] − pretrained``, and the chosen layer's spectra.
@@ -267,6 +272,9 @@ class LiveAnalysis:
                 task_layer = family.get_matrix({key: tau}, layer).double()
                 merged_layer = {m: family.get_matrix({key: d}, layer).double() for m, d in deltas.items()}
             del tau, deltas, draw
+        # the sketches are compared on the CPU, where the earlier ones are kept (2 MiB each)
+        task_sketch = task_sketch.cpu()
+        merged_sketches = {m: v.cpu() for m, v in merged_sketches.items()}
         task_norm = task_sq**0.5
         merged_norms = {m: merged_sq[m] ** 0.5 for m in methods}
         task_cosines = [
@@ -286,7 +294,7 @@ class LiveAnalysis:
         }
         spectra_of = {m: _singular_values(v) for m, v in merged_layer.items()}
         task_spectrum = _singular_values(task_layer) if task_layer is not None else []
-        self.task_sketches.append(task_sketch.cpu())
+        self.task_sketches.append(task_sketch)
         self.task_norms.append(task_norm)
         return AnalysisStep(
             step=step,
@@ -305,7 +313,7 @@ class LiveAnalysis:
             seconds=time.perf_counter() - started,
         )
 
-    def observe_run(self, run, report) -> AnalysisStep:
+    def observe_run(self, run: ContinualRun, report: StepReport) -> AnalysisStep:
         """Analyse the step a :class:`~merging.experiment.runner.ContinualRun` just reported (every
         method has merged its checkpoint) and record it in the run's results."""
         mergers = [m for m in run.mergers.values() if m.merged]
