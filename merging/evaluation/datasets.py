@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -139,6 +140,11 @@ class ImageCache:
     snapshot. That snapshot cannot change within a process, so a Hub dataset's key is
     remembered per request and an in-memory hit asks the Hub nothing; a local dataset is
     re-stamped at every load (a few ``stat`` calls), so edited files are noticed.
+
+    Loads are thread-safe, and one split is decoded once however many threads ask for it at
+    the same time: a run decodes the next task's images in the background while the current
+    one is evaluated (:mod:`merging.experiment.prefetch`), and the evaluation that then
+    needs them waits for that decode instead of starting its own.
     """
 
     def __init__(self, directory: Path | None = None):
@@ -146,24 +152,30 @@ class ImageCache:
         self.directory = self.disk.directory
         self._memory: dict[str, ImageSet] = {}
         self._keys: dict[tuple, str] = {}  # Hub datasets: request → key, so memory hits need no Hub call
+        self._locks: dict[str, threading.Lock] = {}  # one per key: a split is decoded by one thread only
+        self._guard = threading.Lock()  # protects the dictionaries and the counter
         self.decoded = 0  # images decoded by this cache (tests check that a second run decodes none)
 
     def load(self, task: Task, split: str, spec: Preprocess, limit: int | None) -> ImageSet:
         """The preprocessed sample of a split: from memory, else from disk, else decoded (and stored)."""
         request = (task.name, task.dataset, split, spec.key(), limit)
         key = self._keys.get(request) or self._key(task, split, spec, limit)
-        if key in self._memory:
-            return self._memory[key]
-        name = f"{key}.safetensors"
-        result = self.disk.read(name, _read_image_set)  # None when missing or damaged: rebuilt, never trusted
-        if result is None:
-            result = self._decode(task, split, spec, limit)
-            tensors = {"images": result.images.contiguous(), "labels": result.labels}
-            self.disk.write(name, lambda path: save_file(tensors, str(path)))
-        self._memory[key] = result
-        if not task.dataset.is_local:
-            self._keys[request] = key
-        return result
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key in self._memory:
+                return self._memory[key]
+            name = f"{key}.safetensors"
+            result = self.disk.read(name, _read_image_set)  # None when missing or damaged: rebuilt, never trusted
+            if result is None:
+                result = self._decode(task, split, spec, limit)
+                tensors = {"images": result.images.contiguous(), "labels": result.labels}
+                self.disk.write(name, lambda path: save_file(tensors, str(path)))
+            with self._guard:
+                self._memory[key] = result
+                if not task.dataset.is_local:
+                    self._keys[request] = key
+            return result
 
     def _key(self, task: Task, split: str, spec: Preprocess, limit: int | None) -> str:
         files = parquet_files(task, split)

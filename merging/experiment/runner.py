@@ -33,6 +33,7 @@ from merging.evaluation.evaluator import DEFAULT_SAMPLES, Evaluator
 from merging.evaluation.image_set import ImageSet
 from merging.evaluation.tasks import Task, TaskRegistry, registry
 from merging.experiment.driver import Experiment, StateModel
+from merging.experiment.prefetch import Prefetcher
 from merging.experiment.results import MethodResults, RunResults, StepRecord
 from merging.io.checkpoints import EncoderReader
 from merging.io.disk_cache import DiskCache
@@ -215,6 +216,7 @@ class ContinualRun:
         cache_dir: Path | None = None,
         references: Mapping[str, Mapping[str, float]] | None = None,
         backbone: Backbone | None = None,
+        prefetch: bool = True,
     ):
         if not config.checkpoints:
             raise MergingError("no fine-tuned checkpoints: give a preset or at least one checkpoint")
@@ -248,6 +250,9 @@ class ContinualRun:
         # A sweep runs the same checkpoints in many orders: it measures the reference rows and
         # loads the backbone once, and hands them to every trial instead of each trial redoing it.
         self._given_backbone = backbone
+        # Reading the next checkpoint and decoding the next task's images overlap the current
+        # step's compute (merging.experiment.prefetch); False does everything in order.
+        self.prefetch = prefetch
         if references is not None:
             self._references = {row: dict(values) for row, values in references.items()}
             self.warnings = label_warnings(config.checkpoints, self._references)
@@ -383,10 +388,21 @@ class ContinualRun:
         cached = disk.read(name, lambda path: json.loads(path.read_text()))  # None: missing or damaged
         if cached is not None:
             return cached
-        pretrained = self.evaluator.evaluate(None, self.tasks)
-        finetuned = {}
-        for task, reader in zip(self.tasks, self.readers, strict=True):
-            finetuned[task.name] = self.evaluator.evaluate(reader.load(), [task])[task.name]
+        prefetcher = Prefetcher(self.prefetch)
+        try:
+            for task in self.tasks:  # decoded in order in the background while earlier tasks are evaluated
+                prefetcher.warm(("images", task.name), lambda task=task: self.evaluator.test_set(task))
+            pretrained = self.evaluator.evaluate(None, self.tasks)
+            finetuned = {}
+            readers = self.readers
+            for index, (task, reader) in enumerate(zip(self.tasks, readers, strict=True)):
+                state = prefetcher.result(("load", index), reader.load)
+                if index + 1 < len(readers):  # the next checkpoint is read while this one is evaluated
+                    prefetcher.ahead(("load", index + 1), readers[index + 1].load)
+                finetuned[task.name] = self.evaluator.evaluate(state, [task])[task.name]
+                del state
+        finally:
+            prefetcher.close()
         result = {"pretrained": pretrained, "finetuned": finetuned}
         disk.write(name, lambda path: path.write_text(json.dumps(result)))
         return result
@@ -414,7 +430,29 @@ class ContinualRun:
         merges = self.experiment.merge_steps(
             self.mergers, self.device, [t.name for t in self.tasks], measure_memory=True, before_merge=apply_share
         )
+        prefetcher = Prefetcher(self.prefetch)
+        try:
+            yield from self._record_steps(merges, names, methods, prefetcher)
+        finally:
+            prefetcher.close()
+
+    def _work_ahead(self, prefetcher: Prefetcher, index: int) -> None:
+        """While step ``index`` (from 0) computes: read checkpoint index + 1 and decode what its step needs."""
+        if index + 1 >= len(self.readers):
+            return
+        reader, task = self.readers[index + 1], self.tasks[index + 1]
+        prefetcher.warm(("checkpoint", index + 1), reader.read_ahead)
+        splits = {"test"} | {s for m in self.mergers.values() if m.requires_data for s in m.data_splits()}
+        for split in sorted(splits):
+            name = task.dataset.split if split == "test" else task.dataset.train_split
+            if name is not None:
+                prefetcher.warm(("images", task.name, name), lambda name=name: self.evaluator.task_images(task, name))
+
+    def _record_steps(self, merges, names: list[str], methods: dict[str, StepRecord], prefetcher: Prefetcher):
+        self._work_ahead(prefetcher, -1)
         for timed in merges:
+            if timed.method == names[0]:
+                self._work_ahead(prefetcher, timed.index - 1)
             merged_at = time.perf_counter()
             merger = self.mergers[timed.method]
             evaluated = self.tasks if self.config.eval == "all" else self.tasks[: timed.index]
