@@ -221,3 +221,31 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, flags, culpr
     assert code == 2 and stdout == ""
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and culprit in stderr
     assert not (tmp_path / "s" / "summary.json").exists()
+
+
+def test_the_ray_backend_gives_the_local_backends_numbers(tmp_path, capsys):
+    """Trials as tasks of a local Ray instance (2 CPUs), shared inputs in its object store."""
+    pytest.importorskip("ray")
+    args = ("sweep", "--preset", "mini-8", "--method", "weight_average", "--grid", "ties.top_k=10")
+    args += ("--order-seeds", "42,43", "--samples", SAMPLES, "--workers", "2")
+    code, _, stderr = cli(capsys, *args, "--out", str(tmp_path / "local"))
+    assert code == 0, stderr
+    code, stdout, stderr = cli(capsys, *args, "--out", str(tmp_path / "ray"), "--backend", "ray")
+    assert code == 0, stderr
+    assert stdout.count("] weight_average seed") == 2 and stdout.count("] ties[top_k=10] seed") == 2
+    local = json.loads((tmp_path / "local" / "summary.json").read_text())
+    remote = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert remote["methods"] == local["methods"]
+    for row in local["methods"].values():
+        for run in row["runs"]:
+            ours, theirs = (json.loads((tmp_path / side / run["results"]).read_text()) for side in ("local", "ray"))
+            assert without_timings(theirs) == without_timings(ours)
+
+
+def test_without_ray_the_ray_backend_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    code, _, stderr = cli(
+        capsys, "sweep", "--preset", "mini-8", "--method", "opcm", "--backend", "ray", "--out", str(tmp_path)
+    )
+    assert code == 2 and stderr.count("\n") == 1 and "pip install 'ray>=" in stderr
+    assert not (tmp_path / "summary.json").exists()

@@ -142,6 +142,10 @@ def prepare_sweep(args: argparse.Namespace) -> PreparedSweep:
     grid = parse_grid(args.grid)
     if args.ray_address and args.backend != "ray":
         raise MergingError("--ray-address needs --backend ray")
+    if args.backend == "ray":
+        from merging.experiment.sweep_ray import import_ray
+
+        import_ray()  # missing: one line saying how to install it, before any work
     methods = list(args.method)
     if "all" not in methods:
         methods += [m for m in grid if m not in methods]

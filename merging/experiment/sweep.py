@@ -137,8 +137,12 @@ class Trial:
 
 
 def show_value(value: Any) -> str:
-    """An option value as the command line writes it (booleans lowercase)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """An option value as one writes it on the command line: booleans lowercase, 10 for 10.0, 1e-05 exact."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0")
+    return str(value)
 
 
 def points(base: Mapping[str, Mapping[str, Any]], grid: Mapping[str, Mapping[str, Sequence[Any]]]) -> list[Point]:
