@@ -822,7 +822,9 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 handlers.analyse, [results_state, layer], [cosine, spectra], api_name="analyse", **compute
             )
             # .input, not .change: the run's own updates of the list must not count as a choice
-            layer.input(handlers.choose_layer, [results_state, layer], [spectra], api_name="layer")
+            layer.input(
+                handlers.choose_layer, [results_state, layer], [spectra], api_name="layer", show_progress="minimal"
+            )
             backbone.change(lambda: gr.update(value=""), None, layer, api_visibility="private")
         with gr.Tab("Merge and download"):
             gr.Markdown(
