@@ -190,3 +190,20 @@ def test_layer_choices_are_grouped_by_block_and_type_and_checked():
     for bad in ("transformer.resblocks.7.mlp.c_fc.weight", "conv1.weight", 3):
         with pytest.raises(MergingError, match=f"no matrix {bad!r} in this encoder"):
             check_layer(bad, labels, default)
+
+
+def test_live_analysis_on_several_threads_gives_the_same_numbers():
+    """The parameters are split into groups, one per thread of the run's share; the groups add up."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        *_, one, _, _ = live_run(3, dimension=2**14)
+        torch.set_num_threads(3)
+        *_, three, _, _ = live_run(3, dimension=2**14)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three, strict=True):
+        assert b.task_cosines == pytest.approx(a.task_cosines, abs=1e-6)
+        assert b.merged_cosines["mean"] == pytest.approx(a.merged_cosines["mean"], abs=1e-6)
+        assert b.merged_spectra["sum"] == pytest.approx(a.merged_spectra["sum"], rel=1e-9)
+        assert b.task_norm == pytest.approx(a.task_norm, rel=1e-9)

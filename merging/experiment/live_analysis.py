@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from merging.compute.parallel import map_on_threads
 from merging.errors import MergingError
 from merging.experiment.results import AnalysisStep
 
@@ -247,31 +248,35 @@ class LiveAnalysis:
             )
         sketcher = self.sketcher
         methods = list(merged)
-        task_sketch = sketcher.empty()
-        merged_sketches = {m: sketcher.empty() for m in methods}
-        task_sq = 0.0
-        merged_sq = dict.fromkeys(methods, 0.0)
-        task_dot = dict.fromkeys(methods, 0.0)  # ⟨τ_t, Δ_m⟩, exact
-        pair_dot = {(a, b): 0.0 for i, a in enumerate(methods) for b in methods[i + 1 :]}  # ⟨Δ_a, Δ_b⟩
-        task_layer: Tensor | None = None
-        merged_layer: dict[str, Tensor] = {}
-        for key in keys:
-            base = pretrained[key]
-            tau = checkpoint[key].to(base.device, torch.float32) - base
-            deltas = {m: merged[m][key] - base for m in methods}
-            draw = sketcher.hashes(key)
-            sketcher.add(task_sketch, key, tau, draw)
-            task_sq += inner(tau, tau)
-            for m, delta in deltas.items():
-                sketcher.add(merged_sketches[m], key, delta, draw)
-                merged_sq[m] += inner(delta, delta)
-                task_dot[m] += inner(tau, delta)
-            for a, b in pair_dot:
-                pair_dot[(a, b)] += inner(deltas[a], deltas[b])
-            if any(label == layer for label, _ in family.matrix_views(key, base)):
-                task_layer = family.get_matrix({key: tau}, layer).double()
-                merged_layer = {m: family.get_matrix({key: d}, layer).double() for m, d in deltas.items()}
-            del tau, deltas, draw
+
+        def accumulate(group: Sequence[str]) -> _Sums:
+            """Sketches, inner products and the layer's matrices over one group of parameters."""
+            sums = _Sums(sketcher, methods)
+            for key in group:
+                base = pretrained[key]
+                tau = checkpoint[key].to(base.device, torch.float32) - base
+                deltas = {m: merged[m][key] - base for m in methods}
+                draw = sketcher.hashes(key)
+                sketcher.add(sums.task_sketch, key, tau, draw)
+                sums.task_sq += inner(tau, tau)
+                for m, delta in deltas.items():
+                    sketcher.add(sums.merged_sketches[m], key, delta, draw)
+                    sums.merged_sq[m] += inner(delta, delta)
+                    sums.task_dot[m] += inner(tau, delta)
+                for a, b in sums.pair_dot:
+                    sums.pair_dot[(a, b)] += inner(deltas[a], deltas[b])
+                if any(label == layer for label, _ in family.matrix_views(key, base)):
+                    sums.task_layer = family.get_matrix({key: tau}, layer).clone()
+                    sums.merged_layer = {m: family.get_matrix({key: d}, layer).clone() for m, d in deltas.items()}
+                del tau, deltas, draw
+            return sums
+
+        # one group of parameters per thread of the run's share (in order on one thread or a GPU)
+        groups = _balanced_groups(keys, sketcher.sizes, max(1, min(4, torch.get_num_threads())))
+        sums = _Sums.total(map_on_threads(accumulate, groups, device), sketcher, methods)
+        task_sketch, merged_sketches = sums.task_sketch, sums.merged_sketches
+        task_sq, merged_sq, task_dot, pair_dot = sums.task_sq, sums.merged_sq, sums.task_dot, sums.pair_dot
+        task_layer, merged_layer = sums.task_layer, sums.merged_layer
         # the sketches are compared on the CPU, where the earlier ones are kept (2 MiB each)
         task_sketch = task_sketch.cpu()
         merged_sketches = {m: v.cpu() for m, v in merged_sketches.items()}
@@ -332,6 +337,49 @@ class LiveAnalysis:
         )
         run.record.analysis.append(analysed)
         return analysed
+
+
+class _Sums:
+    """What :meth:`LiveAnalysis.observe` accumulates over a group of parameters; groups add up."""
+
+    def __init__(self, sketcher: CountSketch, methods: Sequence[str]):
+        self.task_sketch = sketcher.empty()
+        self.merged_sketches = {m: sketcher.empty() for m in methods}
+        self.task_sq = 0.0
+        self.merged_sq = dict.fromkeys(methods, 0.0)
+        self.task_dot = dict.fromkeys(methods, 0.0)  # ⟨τ_t, Δ_m⟩, exact
+        self.pair_dot = {(a, b): 0.0 for i, a in enumerate(methods) for b in methods[i + 1 :]}  # ⟨Δ_a, Δ_b⟩
+        self.task_layer: Tensor | None = None
+        self.merged_layer: dict[str, Tensor] = {}
+
+    @classmethod
+    def total(cls, parts: Sequence[_Sums], sketcher: CountSketch, methods: Sequence[str]) -> _Sums:
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(sketcher, methods)
+        for part in parts:
+            out.task_sketch += part.task_sketch
+            out.task_sq += part.task_sq
+            for m in methods:
+                out.merged_sketches[m] += part.merged_sketches[m]
+                out.merged_sq[m] += part.merged_sq[m]
+                out.task_dot[m] += part.task_dot[m]
+            for pair in out.pair_dot:
+                out.pair_dot[pair] += part.pair_dot[pair]
+            if part.task_layer is not None:
+                out.task_layer, out.merged_layer = part.task_layer, part.merged_layer
+        return out
+
+
+def _balanced_groups(keys: Sequence[str], sizes: Mapping[str, int], count: int) -> list[list[str]]:
+    """``keys`` in ``count`` groups of about equal total size (largest first onto the lightest group)."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(count, len(keys))))]
+    totals = [0] * len(groups)
+    for key in sorted(keys, key=lambda k: -sizes[k]):
+        lightest = totals.index(min(totals))
+        groups[lightest].append(key)
+        totals[lightest] += sizes[key]
+    return [g for g in groups if g]
 
 
 INNER_CHUNK = 4096
