@@ -22,6 +22,12 @@ from merging.experiment.sweep import parse_order_seeds, points
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = "16"
+# Three mini tasks: each trial merges and evaluates 3 steps instead of mini-8's 8
+THREE = tuple(
+    arg
+    for task in ("digits", "colors", "shapes")
+    for arg in ("--checkpoint", str(ROOT / "assets/mini/checkpoints" / f"mini-{task}"))
+)
 TIMINGS = ("merge_seconds", "eval_seconds", "peak_memory_bytes", "memory_increase_bytes")
 
 
@@ -127,16 +133,16 @@ def test_shared_inputs_are_computed_once_for_all_trials(tmp_path, capsys, monkey
     monkeypatch.setattr(ContinualRun, "_load_or_compute_references", counting_references)
     code, _, stderr = cli(
         capsys,
-        *("sweep", "--preset", "mini-8", "--method", "weight_average", "--method", "task_arithmetic"),
+        *("sweep", *THREE, "--method", "weight_average", "--method", "task_arithmetic"),
         *("--order-seeds", "42-44", "--samples", SAMPLES, "--workers", "2", "--out", str(tmp_path / "s")),
     )
     assert code == 0, stderr
-    assert counts == {"decoded": 8, "references": 1}  # 8 test sets and one measurement, for 6 trials
+    assert counts == {"decoded": 3, "references": 1}  # 3 test sets and one measurement, for 6 trials
 
 
 def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
-    args = ("sweep", "--preset", "mini-8", "--method", "weight_average", "--order-seeds", "42-44")
+    args = ("sweep", *THREE, "--method", "weight_average", "--order-seeds", "42-44")
     args += ("--samples", SAMPLES, "--workers", "1", "--out", str(out))
     real = sweep_runner.run_trial
     ran = []
@@ -170,7 +176,7 @@ def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_pa
 
 def test_a_resumed_folder_from_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "sweep"
-    base = ("sweep", "--preset", "mini-8", "--method", "weight_average", "--order-seeds", "42", "--out", str(out))
+    base = ("sweep", *THREE, "--method", "weight_average", "--order-seeds", "42", "--out", str(out))
     assert cli(capsys, *base, "--samples", SAMPLES)[0] == 0
     code, _, stderr = cli(capsys, *base, "--samples", "8")
     assert code == 2 and "holds weight_average seed 42 run with another configuration" in stderr
@@ -178,7 +184,7 @@ def test_a_resumed_folder_from_other_settings_is_refused(tmp_path, capsys):
 
 def test_ctrl_c_keeps_the_finished_trials(tmp_path):
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "merging", "sweep", "--preset", "mini-8", "--method", "opcm"]
+    command = [sys.executable, "-m", "merging", "sweep", *THREE, "--method", "opcm"]
     command += ["--order-seeds", "42-51", "--samples", SAMPLES, "--workers", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -226,7 +232,7 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, flags, culpr
 def test_the_ray_backend_gives_the_local_backends_numbers(tmp_path, capsys):
     """Trials as tasks of a local Ray instance (2 CPUs), shared inputs in its object store."""
     pytest.importorskip("ray")
-    args = ("sweep", "--preset", "mini-8", "--method", "weight_average", "--grid", "ties.top_k=10")
+    args = ("sweep", *THREE, "--method", "weight_average", "--grid", "ties.top_k=10")
     args += ("--order-seeds", "42,43", "--samples", SAMPLES, "--workers", "2")
     code, _, stderr = cli(capsys, *args, "--out", str(tmp_path / "local"))
     assert code == 0, stderr

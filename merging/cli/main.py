@@ -222,10 +222,10 @@ def _partial_path(out: Path, done: int, total: int) -> Path:
     return out.with_name(out.stem + tag + out.suffix) if out.suffix else out.with_name(out.name + tag)
 
 
-def run_command(prepared) -> int:
+def run_command(prepared, tracker: str | None = None) -> int:
     from merging.cli.run import run_command as run
 
-    return run(prepared)
+    return run(prepared, tracker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from merging.cli.run import prepare_run
 
-            return run_command(prepare_run(args))
+            prepared = prepare_run(args)
+            return run_command(prepared, tracker=args.tracker) if args.tracker else run_command(prepared)
         if args.command == "sweep":
             from merging.cli.sweep import prepare_sweep, run_sweep
 

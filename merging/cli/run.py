@@ -71,6 +71,20 @@ def add_run_parser(commands) -> None:
         help="where to write the results (default: results.json, or replay.json beside --config); checked "
         "before the run starts",
     )
+    add_tracker_flag(run)
+
+
+def add_tracker_flag(parser: argparse.ArgumentParser) -> None:
+    """``--tracker``, on ``run`` and ``sweep``: off unless given (the trackers are optional packages)."""
+    from merging.experiment.tracking import TRACKERS
+
+    parser.add_argument(
+        "--tracker",
+        choices=TRACKERS,
+        default=None,
+        help="also log the results to TensorBoard (event files beside --out) or MLflow (its configured store: "
+        "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME); needs that package",
+    )
 
 
 def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
@@ -233,11 +247,15 @@ def prepare_run(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     else:
         out = Path(args.config).with_name("replay.json") if args.config else Path("results.json")
     inputs = [c.source for c in config.checkpoints] + ([args.config] if args.config else [])
+    if args.tracker:
+        from merging.experiment.tracking import check_tracker
+
+        check_tracker(args.tracker)  # a missing package fails now, in one line, not after the run
     check_outputs(output_files(out, config), inputs)
     return config, out
 
 
-def run_command(prepared: tuple[RunConfig, Path]) -> int:
+def run_command(prepared: tuple[RunConfig, Path], tracker: str | None = None) -> int:
     config, out = prepared
     run = ContinualRun(config)
     run.prepare()  # every input opened and checked before the first line of output
@@ -269,7 +287,27 @@ def run_command(prepared: tuple[RunConfig, Path]) -> int:
     written = write_or_rescue(run.save, out)
     print(final_table(run.results(), references))
     print("wrote " + ", ".join(str(p) for p in written))
+    if tracker:
+        log_to_tracker(tracker, run.results(), written, out)
     return 0
+
+
+def log_to_tracker(kind: str, results: RunResults, written: list[Path], out: Path) -> None:
+    """The finished run in ``kind`` (TensorBoard: ``OUT.tensorboard/`` beside results.json); the results are
+    already written, so a tracker failure says where they are."""
+    from merging.experiment.tracking import open_tracker
+
+    root = out.with_name(out.stem + ".tensorboard")
+    try:
+        tracker = open_tracker(kind, root)
+        tracker.log_run(results, written, out.stem)
+        tracker.finish()
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, MergingError) else f"{type(exc).__name__}: {exc}"
+        raise MergingError(
+            f"the results are in {written[0]}, but logging them failed: {' '.join(reason.split())}"
+        ) from None
+    print(f"logged to {kind}" + (f" in {root}" if kind == "tensorboard" else ""))
 
 
 def final_table(results: RunResults, references: dict[str, dict[str, float]]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merging.cli.run import add_experiment_flags, config_from_args
+from merging.cli.run import add_experiment_flags, add_tracker_flag, config_from_args
 from merging.errors import MergingError
 from merging.experiment.runner import CheckpointSpec, RunConfig
 from merging.experiment.sweep import (
@@ -95,6 +95,7 @@ def add_sweep_parser(commands: Any) -> None:
         help=f"the sweep's folder: summary.json, {TABLE_MARKDOWN}, {TABLE_CSV}, trials/NAME/seed-S.json "
         f"(default: {DEFAULT_OUT})",
     )
+    add_tracker_flag(sweep)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class PreparedSweep:
     backend: str
     workers: int | None
     ray_address: str | None
+    tracker: str | None = None
 
 
 def sweep_config(
@@ -146,6 +148,10 @@ def prepare_sweep(args: argparse.Namespace) -> PreparedSweep:
         from merging.experiment.sweep_ray import import_ray
 
         import_ray()  # missing: one line saying how to install it, before any work
+    if args.tracker:
+        from merging.experiment.tracking import check_tracker
+
+        check_tracker(args.tracker)  # likewise a missing tracker package
     methods = list(args.method)
     if "all" not in methods:
         methods += [m for m in grid if m not in methods]
@@ -161,7 +167,7 @@ def prepare_sweep(args: argparse.Namespace) -> PreparedSweep:
     outputs += list(dict.fromkeys(t.results_path(out) for t in trials))
     check_outputs(outputs, [c.source for c in checkpoints])
     config = sweep_config(template, checkpoints, seeds, base, grid, args)
-    return PreparedSweep(out, rows, trials, config, args.backend, args.workers, args.ray_address)
+    return PreparedSweep(out, rows, trials, config, args.backend, args.workers, args.ray_address, args.tracker)
 
 
 def run_sweep(prepared: PreparedSweep) -> int:
@@ -186,6 +192,7 @@ def run_sweep(prepared: PreparedSweep) -> int:
         print(_table_text(prepared.out))
         return 0
     shared = prepare_shared(pending)
+    tracker = open_sweep_tracker(prepared)
     done = skipped
     failed = 0
 
@@ -195,6 +202,8 @@ def run_sweep(prepared: PreparedSweep) -> int:
         failed += outcome.results is None
         record.record(outcome)
         print(record.progress(outcome, done, total), flush=True)
+        if tracker is not None and outcome.results is not None:
+            log_trial(tracker, prepared, outcome)
 
     try:
         if prepared.backend == "ray":
@@ -206,12 +215,17 @@ def run_sweep(prepared: PreparedSweep) -> int:
 
             run_local(pending, shared, default_workers(prepared.workers, first.device), on_done, first.device)
     except KeyboardInterrupt:
-        record.write()
+        written = record.write()
+        if tracker is not None:
+            tracker.finish(record.summary(), written)
         raise MergingError(
             f"interrupted; the {record.finished} finished trials of {total} are kept in {prepared.out} "
             "(run the same command again to resume)"
         ) from None
-    record.write()
+    written = record.write()
+    if tracker is not None:
+        tracker.finish(record.summary(), written)
+        print(f"logged {done - skipped - failed} trials to {prepared.tracker}", flush=True)
     print(_table_text(prepared.out))
     print(f"wrote {prepared.out / SUMMARY}, {prepared.out / TABLE_MARKDOWN}, {prepared.out / TABLE_CSV}")
     if failed:
@@ -219,6 +233,29 @@ def run_sweep(prepared: PreparedSweep) -> int:
         print(f"error: {failed} of {total} trials failed; their errors are in {where}", file=sys.stderr)
         return 1
     return 0
+
+
+def open_sweep_tracker(prepared: PreparedSweep):
+    """The sweep's tracker, its trials grouped: an MLflow parent run, or ``DIR/tensorboard/`` (None without one)."""
+    if prepared.tracker is None:
+        return None
+    from merging.experiment.tracking import open_tracker
+
+    params = {k: v for k, v in prepared.config.items() if k != "checkpoints"}
+    params["checkpoints"] = len(prepared.config["checkpoints"])
+    return open_tracker(prepared.tracker, prepared.out / "tensorboard", f"sweep {prepared.out.name}", params)
+
+
+def log_trial(tracker, prepared: PreparedSweep, outcome) -> None:
+    """A finished trial in the tracker (already written to the folder: a tracker failure is a warning)."""
+    trial = outcome.trial
+    path = trial.results_path(prepared.out)
+    files = [path, path.with_name(f"{path.stem}.{trial.point.method}.csv")]
+    try:
+        tracker.log_run(outcome.results, files, trial.name, folder=f"{trial.point.folder}/seed-{trial.order_seed}")
+    except Exception as exc:
+        reason = " ".join(str(exc).split())
+        print(f"warning: --tracker {prepared.tracker} could not log {trial.name}: {reason}", file=sys.stderr)
 
 
 def default_workers(workers: int | None, device: str) -> int:
