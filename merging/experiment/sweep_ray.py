@@ -136,8 +136,8 @@ def run_ray(
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-        if device == "cuda" and gpus == 0:
-            raise MergingError("device cuda was asked for, but the Ray cluster has no GPU")
+        if device == "cuda" and gpus == 0 and not address:  # a cluster may still add GPU nodes; this one never will
+            raise MergingError("device cuda was asked for, but this machine has no GPU that Ray can use")
         remote = ray.remote(_remote_trial).options(num_cpus=cpus_per_trial, num_gpus=1 if on_gpu else 0, max_retries=0)
         refs = [ray.put(pack(shared))]  # once per sweep; workers on every node read it from there
         limit = workers or len(trials)
