@@ -410,7 +410,7 @@ def final_spectrum_figure(results: RunResults, layer: object):
     step = completed
     task = results.tasks[step - 1]
     checkpoint = open_encoder(locate(results.config["checkpoints"][step - 1]["source"]))
-    base = load_backbone(results.config["backbone"]).visual_state()
+    base = load_backbone(results.config["backbone"]).model.visual.state_dict()  # read only: no copy
     family = checkpoint.family
     keys = [k for k in base if k in checkpoint]
     label = check_layer(layer, family.matrix_labels(keys), family.default_spectrum_label(keys))
