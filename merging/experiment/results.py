@@ -5,6 +5,9 @@ the command line and kept (as JSON) in the app's session state. The accuracy mat
 is built here and only here (:func:`accuracy_matrix`); ACC and BWT per step are derived from
 it, so they cannot disagree with the matrix they summarise.
 
+The lab's live analysis adds one :class:`AnalysisStep` per step (``analysis`` in results.json,
+absent when nothing was analysed, so older readers are unaffected).
+
 ``to_json`` writes the layout results.json has always had, plus ``schema_version``;
 ``from_json`` reads that and the files written before the version existed (version 1).
 Nothing here imports torch, so the plots and the app's state stay light.
