@@ -255,3 +255,24 @@ def test_without_ray_the_ray_backend_says_how_to_install_it(tmp_path, capsys, mo
     )
     assert code == 2 and stderr.count("\n") == 1 and "pip install 'ray>=" in stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_stop_event_ends_the_local_pool_keeping_what_finished():
+    """What an app's Stop button does through the library: no trial starts after it, finished ones stay."""
+    import threading
+
+    from merging.experiment.runner import RunConfig, parse_checkpoint
+    from merging.experiment.sweep import Point, plan
+
+    checkpoints = [parse_checkpoint(THREE[i]) for i in range(1, len(THREE), 2)]
+    template = RunConfig(backbone="mini", checkpoints=checkpoints, samples=int(SAMPLES))
+    trials = plan(template, checkpoints, [Point("weight_average", "weight_average", {})], [42, 43, 44, 45])
+    shared = sweep_runner.prepare_shared(trials)
+    stop, finished = threading.Event(), []
+
+    def on_done(outcome):
+        finished.append(outcome)
+        stop.set()
+
+    sweep_runner.run_local(trials, shared, 1, on_done, "cpu", stop=stop)
+    assert [o.trial.order_seed for o in finished] == [42] and finished[0].results is not None

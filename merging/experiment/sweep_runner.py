@@ -184,20 +184,21 @@ def run_local(
     on_done: Callable[[Outcome], None],
     device: str = "auto",
     cache_dir: Path | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Run ``trials`` on ``workers`` threads of this process, calling ``on_done`` (in this thread) as each ends.
 
     On CUDA the threads take the visible GPUs in turn (``--workers`` above the GPU count puts
-    several trials on each GPU, sharing its memory). Ctrl-C (KeyboardInterrupt here) stops the
-    trials in flight at their next step and drops them; every trial already passed to
-    ``on_done`` stays recorded, and so does one that finishes while the others stop. The
-    exception then propagates.
+    several trials on each GPU, sharing its memory). Setting ``stop`` (a Stop button) starts no
+    more trials, stops those in flight at their next step and drops them, and returns; Ctrl-C
+    (KeyboardInterrupt here) does the same, then propagates. Every trial already passed to
+    ``on_done`` stays recorded, and so does one that finishes while the others stop.
     """
     from merging.compute.devices import resolve_device
 
     target = resolve_device(device)
     local = threading.local()
-    stop = threading.Event()
+    stop = stop or threading.Event()
     started = itertools.count()
 
     def work(trial: Trial) -> Outcome:
@@ -215,11 +216,19 @@ def run_local(
     try:
         # keep at most `workers` trials submitted, so a stop leaves nothing queued behind them
         while pending or running:
+            if stop.is_set():
+                pending.clear()
             while pending and len(running) < max(1, workers):
                 running.add(pool.submit(work, pending.pop(0)))
+            if not running:
+                break
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                on_done(future.result())
+                try:
+                    outcome = future.result()
+                except TrialStopped:  # stopped at a step: dropped, it reruns on resume
+                    continue
+                on_done(outcome)
     except BaseException:
         stop.set()
         for future in running:  # in flight: each returns at its next step (TrialStopped) or as it finishes
