@@ -416,8 +416,11 @@ class LabHandlers:
             if layer is not None and not isinstance(layer, str):
                 raise MergingError(f"a layer is named by text, not {layer!r}")
             live = self.live_layers.get(session_of(request))
-            if live is not None and live.bound:
-                live.choose(layer)
+            if live is not None:  # a run is on: its next step shows the new layer
+                if live.bound:
+                    live.choose(layer)
+                else:  # still opening its checkpoints: it checks the layer once it knows its encoder
+                    live.requested = layer or None
                 return gr.skip()
             typed = results_from_state(results, strict=True)
             if typed is None or not typed.completed_steps:

@@ -474,3 +474,16 @@ def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch)
     files, results = updates[-2][5:7]
     saved = json.loads(Path(next(f for f in files if f.endswith("results.json"))).read_text())
     assert saved["completed_steps"] == 2 == len(results["methods"]["opcm"]["accuracy"])
+
+
+def test_a_layer_chosen_while_the_run_opens_its_checkpoints_is_checked_once_it_knows_its_encoder():
+    from merging.errors import MergingError
+
+    handlers = app.LabHandlers(hosted=False)
+    live = handlers.live_layers[None] = lab.LiveLayer(None)  # what run_lab registers before the stream starts
+    assert handlers.choose_layer(None, None, "not a layer") == gr.skip()
+    labels = ["transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.1.mlp.c_fc.weight"]
+    with pytest.raises(MergingError, match="no matrix 'not a layer' in this encoder"):
+        live.bind(labels, labels[-1])
+    assert handlers.choose_layer(None, None, labels[0]) == gr.skip() and live.bind(labels, labels[-1]) == labels[0]
+    assert handlers.choose_layer(None, None, "") == gr.skip() and live() == labels[-1]  # bound: "" is the default

@@ -199,9 +199,9 @@ class LiveLayer:
         """Fix the valid labels (the run's encoder) and check the requested layer against them."""
         from merging.experiment.live_analysis import check_layer
 
-        self.labels, self.default = list(labels), default
-        self.value = check_layer(self.requested, self.labels, default)
-        return self.value
+        value = check_layer(self.requested, list(labels), default)  # refused: stays unbound
+        self.labels, self.default, self.value = list(labels), default, value
+        return value
 
     def choose(self, layer: object) -> str:
         """A new choice (None or "": the default), checked against the bound encoder."""
