@@ -15,7 +15,15 @@ from PIL import Image
 
 from merging.errors import MergingError
 from merging.evaluation.backbones import load_backbone
-from merging.evaluation.datasets import ImageCache, decode_images, normalise, preprocess_image, sample_indices
+from merging.evaluation.datasets import (
+    ImageCache,
+    UndecodableImage,
+    decode_images,
+    decode_images_on,
+    normalise,
+    preprocess_image,
+    sample_indices,
+)
 from merging.evaluation.evaluator import Evaluator
 from merging.evaluation.tasks import parse_registry
 from merging.evaluation.zeroshot import build_head
@@ -118,6 +126,53 @@ def test_parallel_decoding_equals_one_image_at_a_time(tiny_backbone):
     for workers in (1, 2, 4):
         decoded = decode_images(encoded, spec, workers)
         assert decoded.is_contiguous() and torch.equal(decoded, expected)
+
+
+def _encoded_mix(seed: int = 6) -> list[bytes]:
+    """JPEGs (colour, greyscale, large, tiny) and PNGs of assorted shapes."""
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for index, (height, width) in enumerate([(375, 500), (32, 32), (28, 28), (600, 800), (20, 31), (96, 96), (40, 25)]):
+        coarse = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        image = image.convert("L") if index == 2 else image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if index in (4, 6) else "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def test_device_decoding_matches_pil_within_one_level(tiny_backbone):
+    from merging.evaluation.backbones import Preprocess
+
+    encoded = _encoded_mix()
+    for spec in (tiny_backbone.preprocess, Preprocess(224)):
+        expected = decode_images(encoded, spec, 1)
+        decoded = decode_images_on(encoded, spec, "cpu")
+        difference = (decoded.int() - expected.int()).abs()
+        assert decoded.shape == expected.shape and decoded.dtype == torch.uint8
+        assert int(difference.max()) <= 1 and float(difference.float().mean()) < 0.02
+        assert torch.equal(decoded[[4, 6]], expected[[4, 6]])  # PNGs go through PIL itself
+
+
+def test_device_decoding_names_a_broken_jpeg_by_its_position(tiny_backbone):
+    encoded = _encoded_mix()
+    encoded[3] = encoded[3][:2] + b"broken"  # a JPEG's magic number and nothing else
+    with pytest.raises(UndecodableImage) as failure:
+        decode_images_on(encoded, tiny_backbone.preprocess, "cpu")
+    assert failure.value.position == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoding_and_pinned_batches_give_the_cpu_features(tmp_path, tiny_backbone):
+    encoded = _encoded_mix()
+    spec = tiny_backbone.preprocess
+    on_gpu = decode_images_on(encoded, spec, "cuda")
+    assert int((on_gpu.int() - decode_images(encoded, spec).int()).abs().max()) <= 8  # nvJPEG vs libjpeg
+    images, _ = colour_images(40)
+    cpu, gpu = (Evaluator(tiny_backbone, d, cache_dir=tmp_path / d, batch_size=16) for d in ("cpu", "cuda"))
+    data = torch.stack([preprocess_image(image, spec) for image in images])
+    torch.testing.assert_close(gpu.features(data.pin_memory()).cpu(), cpu.features(data), atol=2e-2, rtol=0)
 
 
 def test_an_undecodable_image_is_named_by_task_and_row(tmp_path, tiny_backbone):

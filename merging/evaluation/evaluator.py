@@ -9,7 +9,7 @@ bfloat16 autocast on CUDA.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ class Evaluator:
         self.device = torch.device(device)
         self.samples = samples
         directory = cache_dir or cache_root()
-        self.images = ImageCache(directory)
+        self.images = ImageCache(directory, self.device)
         self.heads = HeadCache(directory)
         self.batch_size = batch_size or (1024 if self.device.type == "cuda" else 500)
         self.visual = copy.deepcopy(backbone.model.visual).to(self.device).eval()
@@ -69,11 +69,39 @@ class Evaluator:
         """L2-normalised image embeddings of uint8 images, in batches, from the loaded encoder or model."""
         outputs = []
         autocast = self.device.type == "cuda"
-        for start in range(0, images.shape[0], self.batch_size):
-            batch = normalise(images[start : start + self.batch_size].to(self.device), self.backbone.preprocess)
+        for batch in self._device_batches(images):
+            batch = normalise(batch, self.backbone.preprocess)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 outputs.append(F.normalize(self.model(batch).float(), dim=-1))
         return torch.cat(outputs)
+
+    def _device_batches(self, images: Tensor) -> Iterator[Tensor]:
+        """The uint8 images in batches on the evaluator's device.
+
+        On CUDA each next batch is copied on a side stream while the current one computes; the
+        copy is asynchronous when the images are in pinned memory (the image cache pins them on
+        a CUDA evaluator), and the compute stream waits for it only where it uses the batch.
+        """
+        starts = range(0, images.shape[0], self.batch_size)
+        if self.device.type != "cuda":
+            for start in starts:
+                yield images[start : start + self.batch_size].to(self.device)
+            return
+        copies = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+
+        def copy(start: int) -> Tensor:
+            with torch.cuda.stream(copies):
+                return images[start : start + self.batch_size].to(self.device, non_blocking=True)
+
+        pending = copy(0)
+        for start in starts:
+            compute.wait_stream(copies)
+            batch = pending
+            batch.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+            if start + self.batch_size < images.shape[0]:
+                pending = copy(start + self.batch_size)
+            yield batch
 
     def accuracy(self, task: Task, head: Tensor | None = None) -> float:
         """Accuracy of the encoder currently loaded on ``task``'s test images (a fraction)."""
