@@ -8,6 +8,11 @@ quality. The named baseline in the same run is the same step with ``masks=off`` 
 α-interpolation, no optimisation). Peak memory is the increase over what was in use before
 the step (GPU allocator peak on CUDA, host resident-set peak on the CPU), as a multiple of
 the encoder's float32 size; ALGORITHMS.md expects about 14×.
+
+The time per mask update is also compared with the per-parameter formulation OTMF had before
+its buffers went flat (:mod:`merging.methods._otmf_reference`), same options, same run
+(``--repeat`` alternated steps of each, best of each). Issue 16's target: at most 15 ms per
+mask update on an H200 (``--device cuda``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import VIT_B_32, random_vit, realistic_task_vector
 from merging.compute.devices import memory_in_use, peak_memory_bytes, reset_peak_memory, resolve_device
 from merging.methods import ImageSet, MergeContext, create_merger
+from merging.methods._otmf_reference import PerParameterOTMF
 
 
 def context(pretrained: dict[str, torch.Tensor], device: torch.device, images: int = 64) -> MergeContext:
@@ -48,8 +54,8 @@ def context(pretrained: dict[str, torch.Tensor], device: torch.device, images: i
     )
 
 
-def one_step(options: dict, pretrained, models, device) -> tuple[float, float, dict]:
-    merger = create_merger("otmf", options)
+def one_step(options: dict, pretrained, models, device, per_parameter: bool = False) -> tuple[float, float, dict]:
+    merger = PerParameterOTMF(**options) if per_parameter else create_merger("otmf", options)
     merger.attach(context(pretrained, device))
     merger.start(pretrained, device)
     merger.step(models[0], task="a")
@@ -70,6 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--ot", default="emd", choices=("emd", "sinkhorn"))
+    parser.add_argument("--repeat", type=int, default=2, help="alternated steps of flat and per-parameter OTMF")
     args = parser.parse_args()
     device = resolve_device(args.device)
     pretrained = random_vit()
@@ -86,6 +93,18 @@ def main() -> None:
     print(
         f"ratio to baseline: {seconds / base_seconds:.1f}x time; teachers {diagnostics['teacher_seconds']:.2f} s, "
         f"optimisation {optimisation:.2f} s ({1000 * optimisation / max(args.steps, 1):.0f} ms per mask update)"
+    )
+    options = {"steps": args.steps, "ot": args.ot}
+    per_update: dict[bool, list[float]] = {False: [optimisation / max(args.steps, 1)], True: []}
+    for repeat in range(args.repeat):
+        for per_parameter in (True, False) if repeat else (True,):
+            diagnostics = one_step(options, pretrained, models, device, per_parameter)[2]
+            per_update[per_parameter].append(diagnostics["optimisation_seconds"] / max(args.steps, 1))
+    flat, before = min(per_update[False]), min(per_update[True])
+    print(
+        f"per mask update, best of {len(per_update[False])} / {len(per_update[True])}: flat buffers "
+        f"{1000 * flat:.1f} ms, per-parameter formulation (before) {1000 * before:.1f} ms: {before / flat:.2f}x"
+        + (f" (target <= 15 ms on an H200: {'PASS' if flat <= 0.015 else 'FAIL'})" if device.type == "cuda" else "")
     )
 
 

@@ -39,8 +39,14 @@ def _pot():
 
 
 def exact_ot(x: Tensor, y: Tensor) -> Tensor:
-    """Exact OT cost between uniform point clouds ``x`` (n × d) and ``y`` (m × d), cost ½‖x − y‖²."""
-    cost = torch.cdist(x.float(), y.float()).square()
+    """Exact OT cost between uniform point clouds ``x`` (n × d) and ``y`` (m × d), cost ½‖x − y‖².
+
+    POT's network simplex runs on the CPU whatever the tensors' device, so the cost matrix is
+    handed to it there and the loss is a CPU tensor (its gradient flows back to the device
+    through the copy). Reading its value then does not wait for the device: on a GPU, OTMF's
+    next launches overlap the backward pass instead of following it. The numbers are the same.
+    """
+    cost = torch.cdist(x.float(), y.float()).square().cpu()
     a = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=cost.dtype, device=cost.device)
     b = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=cost.dtype, device=cost.device)
     return 0.5 * _pot().emd2(a, b, cost)

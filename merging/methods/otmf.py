@@ -21,12 +21,27 @@ too; every task is then evaluated with the head it has at that time.
 
 Memory is bounded in T: θ0, the merged model, the two deltas, two masks with their gradients,
 Adam moments and best copies (about 14–16 times the encoder), never an earlier checkpoint.
+
+Speed: a mask update touches every parameter several times (build θ(M), back-propagate to the
+mask, Adam, keep-best), and on a GPU one kernel launch per parameter and operation made the
+update launch-bound. So θ0, the merged model, both deltas, both masks and everything derived
+from them are single flat buffers (:class:`_FlatLayout`, parameter order, views per
+parameter): θ(M) is four elementwise kernels over the whole encoder (a mul and an add per
+mask, the per-parameter formulation's rounding: ``addcmul`` would round once less and
+change the result), its per-parameter views go to ``functional_call``, the masks' gradients
+come back through one split, Adam is one step over a flat mask (fused on CUDA), keep-best is
+one copy, and small image pools stay on the device. On the CPU the merged weights are those
+of the per-parameter formulation bit for bit (``_otmf_reference``; tests/test_otmf.py).
+``torch.compile`` could fuse θ(M)'s four kernels into one pass: a pass over the encoder is a
+small share of an update (the encoder's forward and backward, the OT solve), and a compiler in
+the hot path would have to degrade gracefully everywhere, so it is not used.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -44,22 +59,36 @@ if TYPE_CHECKING:
     from merging.experiment.results import MethodResults
 
 _TEACHER_BATCH = 64
+_POOL_ON_DEVICE_BYTES = 1 << 30  # image pools up to this size are copied to the GPU once per step
+_FUSED_ADAM_DEVICES = ("cuda",)  # device types whose mask updates use torch's fused Adam (see _adam)
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit; larger mask sets are subsampled evenly
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
-def mask_summary(masks: dict[str, Tensor]) -> dict[str, Any]:
-    """Mean, std, quantiles and the shares below 0.5 and above 1.5 of all entries of a mask set."""
-    count = sum(m.numel() for m in masks.values())
-    total = sum(float(m.detach().double().sum()) for m in masks.values())
-    mean = total / count
-    squares = sum(float((m.detach().double() - mean).square().sum()) for m in masks.values())
-    below = sum(int((m.detach() < 0.5).sum()) for m in masks.values())
-    above = sum(int((m.detach() > 1.5).sum()) for m in masks.values())
-    flat = torch.cat([m.detach().flatten().float().cpu() for m in masks.values()])
+_SUMMARY_CHUNK = 1 << 22  # entries summed at a time in float64: bounded scratch, few kernels
+
+
+def mask_summary(masks: dict[str, Tensor] | Tensor) -> dict[str, Any]:
+    """Mean, std, quantiles and the shares below 0.5 and above 1.5 of all entries of a mask set.
+
+    ``masks`` is one flat tensor (what OTMF holds) or a mapping of tensors (a mask per
+    parameter). Sums run in float64 over chunks, so a mask of the whole encoder needs no
+    float64 copy of itself.
+    """
+    flat = (
+        masks.detach().flatten()
+        if isinstance(masks, Tensor)
+        else torch.cat([m.detach().flatten() for m in masks.values()])
+    )
+    count = flat.numel()
+    chunks = flat.split(_SUMMARY_CHUNK)
+    mean = float(sum(c.sum(dtype=torch.float64) for c in chunks)) / count
+    squares = float(sum((c.double() - mean).square().sum() for c in chunks))
+    below = int(sum((c < 0.5).sum() for c in chunks))
+    above = int(sum((c > 1.5).sum() for c in chunks))
     if flat.numel() > _QUANTILE_LIMIT:
         flat = flat[:: math.ceil(flat.numel() / _QUANTILE_LIMIT)]
-    values = torch.quantile(flat, torch.tensor(QUANTILES))
+    values = torch.quantile(flat.float().cpu(), torch.tensor(QUANTILES))
     return {
         "mean": mean,
         "std": math.sqrt(squares / count),
@@ -68,6 +97,57 @@ def mask_summary(masks: dict[str, Tensor]) -> dict[str, Any]:
         "above_1.5": above / count,
         "entries": count,
     }
+
+
+class _FlatLayout:
+    """Where each parameter lives in a flat float32 buffer of the encoder (parameter order).
+
+    Everything OTMF touches once per mask update is held flat, so one kernel covers the whole
+    encoder; :meth:`views` hands ``functional_call`` the per-parameter views it needs.
+    """
+
+    def __init__(self, keys: list[str], shapes: list[torch.Size]):
+        self.keys = list(keys)
+        self.shapes = list(shapes)
+        self.sizes = [math.prod(shape) for shape in shapes]
+        self.total = sum(self.sizes)
+
+    @classmethod
+    def of(cls, state: Mapping[str, Tensor], keys: list[str] | None = None) -> _FlatLayout:
+        keys = list(state) if keys is None else keys
+        return cls(keys, [state[k].shape for k in keys])
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """Per-parameter views of ``flat`` (they share its storage, and its autograd graph)."""
+        return {
+            k: part.view(shape) for k, part, shape in zip(self.keys, flat.split(self.sizes), self.shapes, strict=True)
+        }
+
+    def flatten(self, state: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+        """A new flat float32 copy of ``state``'s parameters, and its per-parameter views."""
+        flat = torch.empty(self.total, dtype=torch.float32, device=device)
+        views = self.views(flat)
+        for k, view in views.items():
+            view.copy_(state[k])
+        return flat, views
+
+
+def _adam(mask: Tensor, lr: float) -> torch.optim.Adam:
+    """Adam over one flat mask: elementwise, so exactly an optimiser per parameter.
+
+    On the devices in :data:`_FUSED_ADAM_DEVICES` (CUDA) torch's fused kernel updates the mask
+    and both moments in one pass instead of seven; elsewhere torch's default (on the CPU the
+    plain loop, whose rounding is the per-parameter formulation's bit for bit; its seven passes
+    cost little beside the encoder's forward and backward there). Adam divides by √v, so a
+    rounding difference in a gradient that is itself mostly rounding can move a mask entry by
+    up to the learning rate: keeping the CPU arithmetic identical keeps CPU runs reproducible.
+    """
+    if mask.device.type in _FUSED_ADAM_DEVICES:
+        try:
+            return torch.optim.Adam([mask], lr=lr, fused=True)
+        except RuntimeError:  # a torch without the fused kernel for this device
+            pass
+    return torch.optim.Adam([mask], lr=lr)
 
 
 class OTMF(ContinualMerger):
@@ -136,6 +216,11 @@ class OTMF(ContinualMerger):
         super().start(pretrained, device, family)
         self.previous_task: str | None = None
         self._heads: dict[str, Tensor] = {}
+        # θ0 lives in one flat buffer (self.pretrained holds its views), and so does the merged
+        # model from step 1 on: the mask updates then read them without a copy
+        self._layout = _FlatLayout.of(self.pretrained)
+        self._flat_pretrained, self.pretrained = self._layout.flatten(self.pretrained, self.device)
+        self._flat_merged: Tensor | None = None
 
     def heads(self) -> dict[str, Tensor]:
         return dict(self._heads)
@@ -219,6 +304,7 @@ class OTMF(ContinualMerger):
         incoming = step.checkpoint
         diagnostics: dict[str, Any] = {"task": step.task}
         if self.step_count == 1:
+            self._flat_merged, self.merged = self._layout.flatten(self.pretrained, self.device)
             for k in self.merge_keys:
                 self.merged[k].copy_(incoming[k])
         else:
@@ -233,32 +319,46 @@ class OTMF(ContinualMerger):
         self.previous_task = step.task
         return diagnostics
 
+    def _flat(self, flat: Tensor | None, state: dict[str, Tensor], layout: _FlatLayout) -> Tensor:
+        """``state`` over the merged parameters as one flat tensor: a view of ``flat`` when the
+        merged parameters are all of them (the usual case), else a copy."""
+        if flat is not None and layout.keys == self._layout.keys:
+            return flat
+        return layout.flatten(state, self.device)[0]
+
     def _fuse(self, incoming: Incoming, task: str) -> dict[str, Any]:
         alpha = self.config["alpha"]
-        keys = self.merge_keys
+        layout = _FlatLayout.of(self.pretrained, self.merge_keys)
+        p0 = self._flat(self._flat_pretrained, self.pretrained, layout)
         # scaled deltas: α Δ_pre and (1 − α) Δ_post, so θ(M) = θ0 + M_pre ⊙ a + M_post ⊙ b
-        scaled_pre = {k: (self.merged[k] - self.pretrained[k]).mul_(alpha) for k in keys}
-        scaled_post = {k: (incoming[k] - self.pretrained[k]).mul_(1.0 - alpha) for k in keys}
+        scaled_pre = torch.sub(self._flat(self._flat_merged, self.merged, layout), p0).mul_(alpha)
+        scaled_post = torch.empty_like(p0)
+        for k, view in layout.views(scaled_post).items():  # the checkpoint arrives one parameter at a time
+            torch.sub(incoming[k], self.pretrained[k], out=view)
+        scaled_post.mul_(1.0 - alpha)
         diagnostics: dict[str, Any] = {"alpha": alpha, "pre_task": self.previous_task, "post_task": task}
         if self.config["masks"] == "on" and self.config["steps"] > 0:
             started = time.perf_counter()
             teachers = self._teachers(incoming, task)
             diagnostics["teacher_seconds"] = time.perf_counter() - started
             started = time.perf_counter()
-            masks, optimisation = self._optimise(scaled_pre, scaled_post, teachers)
+            masks, optimisation = self._optimise(layout, p0, {"pre": scaled_pre, "post": scaled_post}, teachers)
             diagnostics["optimisation_seconds"] = time.perf_counter() - started
             diagnostics.update(optimisation)
             diagnostics["masks"] = {name: mask_summary(m) for name, m in masks.items()}
         else:
             masks = None
+        whole = layout.keys == self._layout.keys and self._flat_merged is not None
+        # the deltas are copies by now, so the merged buffer itself can take θ(M*)
+        merged = self._flat_merged if whole else torch.empty_like(p0)
         with torch.no_grad():
-            for k in keys:
-                if masks is None:
-                    self.merged[k].copy_(self.pretrained[k] + scaled_pre[k] + scaled_post[k])
-                else:
-                    self.merged[k].copy_(
-                        self.pretrained[k] + masks["pre"][k] * scaled_pre[k] + masks["post"][k] * scaled_post[k]
-                    )
+            if masks is None:
+                torch.add(p0, scaled_pre, out=merged).add_(scaled_post)
+            else:
+                torch.mul(masks["pre"], scaled_pre, out=merged).add_(p0).add_(masks["post"] * scaled_post)
+            if not whole:
+                for k, view in layout.views(merged).items():
+                    self.merged[k].copy_(view)
         return diagnostics
 
     # ------------------------------------------------------------ data and features
@@ -269,6 +369,13 @@ class OTMF(ContinualMerger):
         if images.shape[0] == 0:
             raise MergingError(f"otmf: task {task} has no images in its {self.config['ot_split']} split")
         return images
+
+    def _on_device(self, images: Tensor) -> Tensor:
+        """The pool on the merger's device when it is small enough, so that a mask update's batch
+        is an index into device memory rather than a host-to-device copy; else as it is."""
+        if images.device == self.device or images.numel() * images.element_size() > _POOL_ON_DEVICE_BYTES:
+            return images
+        return images.to(self.device)
 
     def _features(self, parameters: dict[str, Tensor], images: Tensor) -> Tensor:
         assert self.context is not None
@@ -283,7 +390,7 @@ class OTMF(ContinualMerger):
     def _teachers(self, incoming: Incoming, task: str) -> dict[str, tuple[Tensor, Tensor]]:
         """Pools of images of both tasks and the teachers' features on them (no gradients)."""
         assert self.previous_task is not None
-        pre_images, post_images = self._pool(self.previous_task), self._pool(task)
+        pre_images, post_images = self._on_device(self._pool(self.previous_task)), self._on_device(self._pool(task))
         # the pre teacher θ0 + Δ_pre is the current merged model itself; the post teacher is θ_t
         pre_features = self._teacher_features({k: self.merged[k] for k in self.merge_keys}, pre_images)
         post_features = self._teacher_features({k: incoming[k] for k in self.merge_keys}, post_images)
@@ -291,41 +398,43 @@ class OTMF(ContinualMerger):
 
     # ------------------------------------------------------------ the optimisation
 
-    def _optimise(self, scaled_pre, scaled_post, teachers):
-        steps, keys = self.config["steps"], self.merge_keys
+    def _optimise(
+        self,
+        layout: _FlatLayout,
+        pretrained: Tensor,
+        scaled: dict[str, Tensor],
+        teachers: dict[str, tuple[Tensor, Tensor]],
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Train both flat masks; return the chosen ones (flat, in ``layout``) and the curves.
+
+        Per update: θ(M) in four elementwise passes, its views through the encoder, the OT loss,
+        one backward (the masks' gradients arrive flat), one Adam step per trained set.
+        """
+        steps = self.config["steps"]
         loss_fn = ot_loss(self.config["ot"], self.config["blur"])
-        masks = {
-            "pre": {k: torch.ones_like(scaled_pre[k], requires_grad=True) for k in keys},
-            "post": {k: torch.ones_like(scaled_post[k], requires_grad=True) for k in keys},
-        }
-        scaled = {"pre": scaled_pre, "post": scaled_post}
-        optimisers = {s: torch.optim.Adam(list(masks[s].values()), lr=self.config["lr"]) for s in masks}
+        masks = {s: torch.ones_like(scaled[s], requires_grad=True) for s in ("pre", "post")}
+        optimisers = {s: _adam(masks[s], self.config["lr"]) for s in masks}
         batches = {s: self._batch_order(s, len(teachers[s][0])) for s in masks}
         keep_best = self.config["keep"] == "best"
-        best = {s: {k: m.detach().clone() for k, m in masks[s].items()} for s in masks} if keep_best else None
+        best = {s: m.detach().clone() for s, m in masks.items()} if keep_best else None
         best_loss = {s: math.inf for s in masks}
         best_step = {s: None for s in masks}
         curves: dict[str, list[float]] = {"pre": [], "post": []}
         joint = self.config["schedule"] == "joint"
         for step in range(steps):
             trained = ("pre", "post") if joint else (("pre",) if step % 2 == 0 else ("post",))
-            parameters = {}
-            for k in keys:
-                value = self.pretrained[k]
-                for s in ("pre", "post"):
-                    mask = masks[s][k] if s in trained else masks[s][k].detach()
-                    value = value + mask * scaled[s][k]
-                parameters[k] = value
+            pre, post = (masks[s] if s in trained else masks[s].detach() for s in ("pre", "post"))
+            # θ0 + M_pre ⊙ a + M_post ⊙ b, rounded as the per-parameter sum was (mul, then add)
+            theta = torch.mul(pre, scaled["pre"]).add_(pretrained).add_(torch.mul(post, scaled["post"]))
+            parameters = layout.views(theta)
             losses = {}
             for s in trained:
                 images, targets = teachers[s]
                 index = next(batches[s])
-                losses[s] = loss_fn(self._features(parameters, images[index]).float(), targets[index])
+                losses[s] = loss_fn(self._features(parameters, images[index.to(images.device)]).float(), targets[index])
             total = sum(losses.values())
-            for s in trained:
-                optimisers[s].zero_grad(set_to_none=True)
             total.backward()
-            del parameters
+            del parameters, theta, total
             values = {s: float(v.detach()) for s, v in losses.items()}
             for s, v in values.items():
                 curves[s].append(v)
@@ -337,11 +446,11 @@ class OTMF(ContinualMerger):
                         best_loss[name], best_step[name] = v, step
                         if best is not None:
                             with torch.no_grad():
-                                for k in keys:
-                                    best[name][k].copy_(masks[name][k])
+                                best[name].copy_(masks[name])
             for s in trained:
                 optimisers[s].step()
-        final = best if best is not None else {s: {k: m.detach() for k, m in masks[s].items()} for s in masks}
+                masks[s].grad = None  # a full-size buffer: free it until the set trains again
+        final = best if best is not None else {s: m.detach() for s, m in masks.items()}
         return final, {
             "loss_pre": curves["pre"],
             "loss_post": curves["post"],
