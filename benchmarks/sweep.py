@@ -117,11 +117,10 @@ def scaling(args: argparse.Namespace, env: dict[str, str], work: Path) -> None:
             )
         (_, wall1, work1, _), (w2, wall2, work2, _) = rows
         setup = wall1 - work1  # everything but the steps: imports, checks, shared inputs, starting workers
-        predicted = setup + work2 / w2
         print(
-            f"  {backend}: setup {setup:.1f} s; at 2 workers predicted {predicted:.1f} s (setup + W/2), measured "
-            f"{wall2:.1f} s; W grew {work2 / work1:.2f}x from 1 to 2 workers (threads per trial 2 -> 1, "
-            f"shared cores)"
+            f"  {backend}: setup {setup:.1f} s; at 2 workers the model gives {setup + work1 / w2:.1f} s from the "
+            f"1-worker run alone (setup + W1/2) and {setup + work2 / w2:.1f} s with W measured at 2 workers "
+            f"(setup + W2/2); measured {wall2:.1f} s; W2/W1 = {work2 / work1:.2f}"
         )
 
 
