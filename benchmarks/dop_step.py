@@ -1,6 +1,6 @@
 """DOP's merge step on ViT-B/32 shapes, against a plain per-layer implementation of FusionBench's rule.
 
-    python benchmarks/dop_step.py [--device auto|cpu|cuda] [--iterations 4] [--full]
+    python benchmarks/dop_step.py [--device auto|cpu|cuda] [--iterations 4] [--repeats 3] [--full]
 
 A DOP step at ViT-B/32 scale runs 200 Adam iterations on each of 72 linear weights (48 of
 768 × 768, 12 of 3072 × 768, 12 of 768 × 3072). The baseline, measured in the same run, is
@@ -12,10 +12,10 @@ shape stacked in the chunks the merger uses.
 On two CPU cores the baseline would need about an hour per step, so each side is timed per
 matrix shape: its setup (SVDs, operators: ``steps=0``) and ``--iterations`` iterations, and the
 step is projected as Σ over shapes of count × (setup + 200 × one iteration); both sides are
-projected the same way. ``--full`` also times our whole step through the merger (every
-parameter, 200 iterations: a GPU's job). The matrices are a random ViT-B/32 with task
-vectors shaped like real fine-tunes (benchmarks/common.py), and the two sides' weights after
-the timed iterations are compared.
+projected the same way; every timing is the best of ``--repeats``. ``--full`` also times our
+whole step through the merger (every parameter, 200 iterations: a GPU's job). The matrices
+are a random ViT-B/32 with task vectors shaped like real fine-tunes (benchmarks/common.py),
+and the two sides' weights after the timed iterations are compared.
 """
 
 from __future__ import annotations
@@ -64,17 +64,28 @@ def matrices_by_shape(pretrained, merged, new) -> dict[tuple[int, int], list[tup
     return groups
 
 
-def measure_shape(device: torch.device, triples, iterations: int) -> tuple[float, float, float]:
-    """Per-matrix seconds of one step (setup + 200 iterations) for the baseline and ours, and their difference."""
+def best_of(repeats: int, device: torch.device, work) -> float:
+    """The shortest of ``repeats`` timings: other load on the machine only ever slows a run down."""
+    return min(timed(device, work) for _ in range(repeats))
+
+
+def measure_shape(device: torch.device, triples, iterations: int, repeats: int) -> tuple[float, float, float]:
+    """Per-matrix seconds of one step (setup + 200 iterations) for the baseline and ours, and their difference.
+
+    The two sides alternate, each timing the best of ``repeats``, so that a burst of other
+    load on the machine cannot fall on one side only.
+    """
     w0, wm, wt = (t.to(device) for t in triples[0])
-    baseline_setup = timed(device, lambda: reference_dop_weight(w0, wm, wt, steps=0))
-    baseline_run = timed(device, lambda: reference_dop_weight(w0, wm, wt, steps=iterations))
-    baseline_iteration = max(baseline_run - baseline_setup, 0.0) / iterations
     size = min(chunk_size(tuple(w0.shape)), len(triples))
     stacks = [torch.stack([t[i] for t in triples[:size]]).to(device) for i in range(3)]
-    ours_setup = timed(device, lambda: fit_matrices(*stacks, DOPSettings(steps=0))) / size
     fits = []
-    ours_run = timed(device, lambda: fits.append(fit_matrices(*stacks, DOPSettings(steps=iterations)))) / size
+    baseline_setup = best_of(repeats, device, lambda: reference_dop_weight(w0, wm, wt, steps=0))
+    ours_setup = best_of(repeats, device, lambda: fit_matrices(*stacks, DOPSettings(steps=0))) / size
+    baseline_run = best_of(repeats, device, lambda: reference_dop_weight(w0, wm, wt, steps=iterations))
+    ours_run = (
+        best_of(repeats, device, lambda: fits.append(fit_matrices(*stacks, DOPSettings(steps=iterations)))) / size
+    )
+    baseline_iteration = max(baseline_run - baseline_setup, 0.0) / iterations
     ours_iteration = max(ours_run - ours_setup, 0.0) / iterations
     expected = reference_dop_weight(w0, wm, wt, steps=iterations)
     difference = float((fits[0].weights[0] - expected).norm() / (expected - w0).norm())
@@ -85,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--iterations", type=int, default=4, help="timed iterations per shape and side")
+    parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many")
     parser.add_argument("--full", action="store_true", help="also time our whole step (200 iterations)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -99,7 +111,7 @@ def main() -> None:
     print(f"{'shape':>12} {'count':>5}  {'baseline s/matrix':>17}  {'ours s/matrix':>13}  {'ratio':>7}  diff")
     total_baseline = total_ours = 0.0
     for shape, triples in groups.items():
-        baseline, ours, difference = measure_shape(device, triples, args.iterations)
+        baseline, ours, difference = measure_shape(device, triples, args.iterations, args.repeats)
         total_baseline += len(triples) * baseline
         total_ours += len(triples) * ours
         print(
