@@ -10,7 +10,8 @@ import torch
 from merging.families.clip_vit.matrices import matrix_labels, matrix_views
 from merging.io.state_dict import distance
 from merging.methods import create_merger
-from merging.methods.opcm import project_task_matrix, split_rank
+from merging.methods import opcm as opcm_module
+from merging.methods.opcm import eigen_bases, project_task_matrix, reduced_svd, split_rank
 
 from .encoders import TINY, VisionArch, finetuned, random_encoder, task_vector
 
@@ -209,3 +210,62 @@ def test_task_vector_helper_is_low_rank_plus_noise():
     tau = task_vector(pretrained, seed=1)
     s = torch.linalg.svdvals(tau["transformer.resblocks.0.mlp.c_fc.weight"])
     assert float(s[1] / s[2]) > 3  # two strong directions above the noise floor
+
+
+# ---------------------------------------------------------------- batched eigendecompositions (the GPU path)
+
+
+def test_batched_bases_are_the_per_matrix_ones():
+    """eigen_bases stacks equal-width Grams into one eigh per stack; V and s are reduced_svd's to float64
+    rounding, in the order asked, across several stacks of a width (a small batch size forces them), with
+    rank-deficient and empty matrices left to reduced_svd's SVD fallback (None)."""
+    g = torch.Generator().manual_seed(5)
+    matrices = [
+        torch.randn(48, 3, generator=g) @ torch.randn(3, 32, generator=g) + 0.1 * torch.randn(48, 32, generator=g),
+        torch.randn(32, 32, generator=g),
+        torch.randn(40, 24, generator=g),
+        torch.randn(96, 32, generator=g).T.T,  # a transposed view's transpose: not contiguous-made
+        torch.randn(40, 2, generator=g) @ torch.randn(2, 32, generator=g),  # rank 2: SVD fallback
+        torch.zeros(32, 32),
+        torch.randn(64, 32, generator=g)[::2],  # strided rows
+    ]
+    asked = []
+    bases = eigen_bases(
+        [tuple(m.shape) for m in matrices], lambda i: asked.append(i) or matrices[i], batch_bytes=2 * 8 * 32 * 32
+    )
+    assert sorted(asked) == list(range(len(matrices))) and len(asked) == len(matrices)  # each formed once
+    for matrix, basis in zip(matrices, bases, strict=True):
+        v, s, _ = reduced_svd(matrix)
+        if basis is None:
+            assert float(s[-1]) <= 1e-6 * float(s[0])
+            continue
+        torch.testing.assert_close(basis.s, s, rtol=1e-12, atol=0)
+        torch.testing.assert_close(basis.v, v, rtol=0, atol=1e-6)
+        assert torch.equal(basis.s_host, basis.s.cpu())
+    assert bases[4] is None and bases[5] is None and all(bases[i] is not None for i in (0, 1, 2, 3, 6))
+    with pytest.raises(ValueError, match="tall"):
+        eigen_bases([(3, 4)], lambda i: torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"projection": "two_sided", "zero_diagonal": False}, {"class_embedding": "frozen_first", "alpha": 0.8}],
+)
+def test_batched_steps_merge_what_per_matrix_steps_merge(monkeypatch, options):
+    """The CUDA step (stacked eigendecompositions, norms kept on the device) run on the CPU: the same
+    merged weights and diagnostics as the per-matrix step, to float64 rounding of the decompositions."""
+    pretrained = random_encoder(WIDE)
+    models = [finetuned(pretrained, seed) for seed in range(1, 5)]
+    per_matrix = run_opcm(pretrained, models, **options)
+    monkeypatch.setattr(opcm_module, "BATCHED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(opcm_module, "EIGH_BATCH_BYTES", 5 * 8 * 64 * 64)  # several stacks per width
+    batched = run_opcm(pretrained, models, **options)
+    for (merged, diagnostics), (expected, expected_diagnostics) in zip(batched, per_matrix, strict=True):
+        for key, value in expected.items():
+            torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7)
+        assert diagnostics["lambda"] == pytest.approx(expected_diagnostics["lambda"], rel=1e-9)
+        assert diagnostics["removed_share"] == pytest.approx(expected_diagnostics["removed_share"], rel=1e-9)
+        assert diagnostics["matrices"].keys() == expected_diagnostics["matrices"].keys()
+        for label, entry in expected_diagnostics["matrices"].items():
+            assert diagnostics["matrices"][label]["split"] == entry["split"]
+            assert diagnostics["matrices"][label]["removed_share"] == pytest.approx(entry["removed_share"], abs=1e-9)
