@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -414,7 +414,7 @@ class OTMF(ContinualMerger):
         loss_fn = ot_loss(self.config["ot"], self.config["blur"])
         masks = {s: torch.ones_like(scaled[s], requires_grad=True) for s in ("pre", "post")}
         optimisers = {s: _adam(masks[s], self.config["lr"]) for s in masks}
-        batches = {s: self._batch_order(s, len(teachers[s][0])) for s in masks}
+        batches = {s: self._batch_order(s, len(teachers[s][0]), teachers[s][0].device) for s in masks}
         keep_best = self.config["keep"] == "best"
         best = {s: m.detach().clone() for s, m in masks.items()} if keep_best else None
         best_loss = {s: math.inf for s in masks}
@@ -431,7 +431,7 @@ class OTMF(ContinualMerger):
             for s in trained:
                 images, targets = teachers[s]
                 index = next(batches[s])
-                losses[s] = loss_fn(self._features(parameters, images[index.to(images.device)]).float(), targets[index])
+                losses[s] = loss_fn(self._features(parameters, images[index]).float(), targets[index])
             total = sum(losses.values())
             total.backward()
             del parameters, theta, total
@@ -460,8 +460,12 @@ class OTMF(ContinualMerger):
             "keep": self.config["keep"],
         }
 
-    def _batch_order(self, which: str, size: int):
-        """Endless seeded batches of indices into a pool: shuffled epochs, each image once per epoch."""
+    def _batch_order(self, which: str, size: int, device: torch.device | None = None) -> Iterator[Tensor]:
+        """Endless seeded batches of indices into a pool: shuffled epochs, each image once per epoch.
+
+        The shuffle is drawn on the CPU (the seeded generator); with ``device`` each epoch's order
+        is copied there once, so a mask update indexes a pool on the GPU without a copy of its own.
+        """
         assert self.context is not None
         generator = torch.Generator().manual_seed(
             self.context.seed * 1_000_003 + self.step_count * 2 + (which == "post")
@@ -469,6 +473,8 @@ class OTMF(ContinualMerger):
         batch = min(self.config["batch_size"], size)
         while True:
             order = torch.randperm(size, generator=generator)
+            if device is not None:
+                order = order.to(device)
             for start in range(0, size - batch + 1, batch):
                 yield order[start : start + batch]
 
