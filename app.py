@@ -100,9 +100,32 @@ KEEP_ZOOM = r"""
 """
 
 
+# The action bar (Run, Stop, the status) sticks to the top of the window while the results stream;
+# on a wide window the setup column scrolls on its own beside the results (a setup sidebar), so
+# no control is ever a page away from the plots it changes. A long status scrolls inside the bar.
+LAYOUT_CSS = """
+.gradio-container { overflow: clip !important; }  /* hidden would make it the scroller and undo sticky */
+#lab-actions { position: sticky; top: 0; z-index: 50; background: var(--background-fill-primary);
+  border-bottom: 1px solid var(--border-color-primary); padding: 6px 4px; flex-wrap: nowrap; align-items: center; }
+#lab-status { max-height: 4.6em; overflow-y: auto; min-width: 0; }
+#lab-status p { margin: 0; }
+@media (min-width: 1024px) {
+  #lab-setup { position: sticky; top: 72px; align-self: flex-start; max-height: calc(100vh - 80px);
+    overflow-y: auto; }
+}
+@media (max-width: 640px) {
+  #lab-actions { flex-wrap: wrap; }
+  #lab-status { flex-basis: 100%; max-height: 3.2em; font-size: 0.85em; }
+  .js-plotly-plot .gtitle { font-size: 12px !important; }  /* plot titles fit a phone-wide plot */
+  #lab-plot-matrix .textpoint { display: none; }  /* 8 numbers do not fit a 300 px row: the hover has them */
+}
+#lab-checkpoints textarea { white-space: pre; overflow-x: auto; }  /* one path per line, never cut mid-word */
+"""
+
+
 def serve(demo: gr.Blocks, **options: Any):
-    """Launch with the lab's page script (zoom that survives live updates)."""
-    return demo.launch(head=KEEP_ZOOM, **options)
+    """Launch with the lab's page script (zoom that survives live updates) and its layout rules."""
+    return demo.launch(head=KEEP_ZOOM, css=LAYOUT_CSS, **options)
 
 
 # ------------------------------------------------------------------ errors and limits
@@ -664,8 +687,14 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
         )
         upload_limit = f"{max_upload_bytes() / 2**20:.0f} MiB"
         with gr.Tab("Continual lab"):
+            # The action bar sticks to the top of the window (ACTIONS_CSS), so Run, Stop and the
+            # status stay in reach while the results below stream, on a laptop and on a phone.
+            with gr.Row(elem_id="lab-actions", equal_height=True):
+                run = gr.Button("Run", variant="primary", scale=0, min_width=90, elem_id="lab-run")
+                stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="lab-stop")
+                status = gr.Markdown("Pick a preset and methods, then Run.", elem_id="lab-status")
             with gr.Row():
-                with gr.Column(scale=1, min_width=320):
+                with gr.Column(scale=1, min_width=320, elem_id="lab-setup"):
                     backbone = gr.Dropdown(
                         backbone_choices(),
                         value=DEFAULT_BACKBONE,
@@ -678,6 +707,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         value=lab.preset_text(DEFAULT_PRESET, DEFAULT_BACKBONE),
                         label="Checkpoints in merge order (SRC=TASK per line; Hub ids, embedded paths or uploads)",
                         lines=8,
+                        elem_id="lab-checkpoints",
                     )
                     with gr.Accordion("Edit the list", open=False):
                         with gr.Row():
@@ -713,11 +743,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                     with gr.Row():
                         device = gr.Radio(list(DEVICE_CHOICES), value="auto", label="Device")
                         layout = gr.Radio(list(LAYOUTS), value="hf", label="Merged encoder layout")
-                    with gr.Row():
-                        run = gr.Button("Run", variant="primary")
-                        stop = gr.Button("Stop", variant="stop")
                 with gr.Column(scale=3):
-                    status = gr.Markdown("Pick a preset and methods, then Run.", elem_id="lab-status")
                     # Where the run's progress and error marks go: nowhere visible, so live plots are
                     # never covered and an error toast leaves every output as it was.
                     progress_anchor = gr.HTML("", visible=False)

@@ -143,7 +143,7 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     # the live analysis: after every step the cosine heatmap gains the new task vector's row ...
     assert [len(u[9].data[0].z) for u in updates[2:]] == [t + 2 for t in range(1, 9)]  # τ_1..τ_t, two merged
     assert (
-        cosine.data[0].x[-2:] == ("merged opcm", "merged task_arithmetic")
+        cosine.data[0].y[-2:] == ("merged opcm", "merged task_arithmetic")
         and "after step 8" in cosine.layout.title.text
     )
     assert len(results["analysis"]) == 8 and all(a["seconds"] > 0 for a in results["analysis"])

@@ -13,6 +13,8 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # the README's screenshots, retaken by these tests
+LAPTOP, PHONE = {"width": 1440, "height": 900}, {"width": 390, "height": 844}
 
 pytestmark = [
     pytest.mark.slow,
@@ -188,3 +190,91 @@ def test_the_merge_page_offers_a_download_and_no_server_path_when_hosted(hosted_
     page.get_by_text(re.compile("server paths cannot be read on this hosted lab: '/etc'")).first.wait_for(
         timeout=30_000
     )
+
+
+# Per plot of the page: whether its legend's box overlaps any of its x-axis titles, whether its title
+# lies inside the plot, and its traces' line colours.
+MEASURE_PLOTS = """
+() => {
+  const box = (el) => el.getBoundingClientRect();
+  const overlap = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  return [...document.querySelectorAll('[id^="lab-plot-"] .js-plotly-plot')].map((plot) => {
+    const legend = plot.querySelector('.legend .bg');
+    const titles = [...plot.querySelectorAll('[class*="xtitle"]')];
+    const title = plot.querySelector('.gtitle');
+    const outer = box(plot);
+    return {
+      id: plot.closest('[id^="lab-plot-"]').id,
+      xtitles: titles.length,
+      overlapping: legend ? titles.filter((t) => overlap(box(legend), box(t))).map((t) => t.textContent) : [],
+      title_inside: !title || (box(title).left >= outer.left - 1 && box(title).right <= outer.right + 1),
+      colours: (plot.data || []).filter((t) => t.showlegend !== false && t.line).map((t) => t.line.color),
+    };
+  });
+}
+"""
+
+
+def in_view(page, locator) -> bool:
+    """Whether the element's whole box lies inside the window (seen without scrolling)."""
+    box = locator.bounding_box()
+    size = page.viewport_size
+    return (
+        box is not None
+        and box["x"] >= 0
+        and box["y"] >= 0
+        and (box["x"] + box["width"] <= size["width"] and box["y"] + box["height"] <= size["height"])
+    )
+
+
+def assert_actions_in_view(page, where: str) -> None:
+    for name in ("Run", "Stop"):
+        assert in_view(page, page.get_by_role("button", name=name, exact=True)), f"{name} out of view {where}"
+    assert in_view(page, page.locator("#lab-status")), f"the status is out of view {where}"
+
+
+def scroll_to_bottom(page) -> None:
+    page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.scrollY") > 500  # the page is long: this really scrolled
+
+
+def test_run_and_stop_stay_in_reach_on_a_laptop_and_a_phone_and_the_plots_read_at_a_glance(served_app):
+    """At 1440 × 900 and at a 390 px phone width, Run, Stop and the status are in the window before
+    a run, at the bottom of the page while it streams and after it; after the default run no legend
+    covers an x-axis title, every title fits its plot and the eight tasks have eight colours. The
+    README's two screenshots (docs/lab-laptop.png, docs/lab-phone.png) are taken here."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        for name, viewport in (("laptop", LAPTOP), ("phone", PHONE)):
+            page = browser.new_context(viewport=viewport).new_page()
+            page.goto(served_app)
+            page.get_by_role("button", name="Run", exact=True).wait_for()
+            assert_actions_in_view(page, f"on opening ({name})")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text(re.compile(r"^Step 2/8")).wait_for(timeout=120_000)
+            scroll_to_bottom(page)  # while the results stream
+            assert_actions_in_view(page, f"at the bottom while the run streams ({name})")
+            page.get_by_text("Done in").wait_for(timeout=120_000)
+            page.wait_for_timeout(500)
+            measured = page.evaluate(MEASURE_PLOTS)
+            assert len(measured) == 6, measured
+            for plot in measured:
+                assert plot["overlapping"] == [], f"{name}: {plot['id']}'s legend covers {plot['overlapping']}"
+                assert plot["title_inside"], f"{name}: {plot['id']}'s title is cut"
+            assert all(p["xtitles"] >= 1 for p in measured)  # the check above had titles to look at
+            curves = next(p for p in measured if p["id"] == "lab-plot-per-task")["colours"]
+            assert len(curves) == 8 == len(set(curves))
+            scroll_to_bottom(page)
+            assert_actions_in_view(page, f"at the bottom after the run ({name})")
+            if name == "laptop":
+                page.evaluate("window.scrollTo(0, 0)")
+            else:  # the phone's picture: the action bar over the accuracy matrix
+                page.evaluate("window.scrollTo(0, document.querySelector('#lab-plot-matrix').offsetTop)")
+                page.locator("#lab-plot-matrix").scroll_into_view_if_needed()
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(DOCS / f"lab-{name}.png"))
+            page.context.close()
+        browser.close()

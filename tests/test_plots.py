@@ -140,12 +140,13 @@ def test_live_analysis_figures_and_the_removed_share_heatmap():
     data = with_analysis()
     assert RunResults.from_json(data.to_json()).analysis == data.analysis  # kept in results.json
     cosine = plots.live_cosine_figure(data)
-    assert list(cosine.data[0].x) == ["τ1 sun397", "τ2 stanford-cars", "τ3 resisc45", "merged opcm"]
+    assert list(cosine.data[0].y) == ["τ1 sun397", "τ2 stanford-cars", "τ3 resisc45", "merged opcm"]
+    assert list(cosine.data[0].x) == ["τ1", "τ2", "τ3", "opcm"]  # short across, so 20 fit unrotated
     z = [list(row) for row in cosine.data[0].z]
     assert z[2][:3] == pytest.approx([0.1, 0.2, 1.0]) and z[0][2] == pytest.approx(0.1) and z[3][0] == 0.5
-    assert "sketch" in cosine.layout.title.text and "after step 3" in cosine.layout.title.text
+    assert "sketch" in plots.title_text(cosine) and "after step 3" in plots.title_text(cosine)
     spectra = plots.live_spectrum_figure(data)
-    assert spectra.layout.title.text == "Spectra of block 0 · mlp.c_fc after step 3 (+resisc45)"
+    assert plots.title_text(spectra) == "Spectra of block 0 · mlp.c_fc after step 3 (+resisc45)"
     # OPCM's α = 0.5 on its own merged curve: shares 0.5, 0.75, 1 → one direction at or below α
     assert [a.text for a in spectra.layout.annotations][-2:] == ["opcm α = 0.5", "opcm α = 0.5: r = 1"]
     assert any(shape.x0 == 0.5 for shape in spectra.layout.shapes)
@@ -154,3 +155,75 @@ def test_live_analysis_figures_and_the_removed_share_heatmap():
     assert [list(row) for row in removed.data[0].z] == [[None, 20.0, 40.0], [None, 10.0, 30.0]]
     assert plots.matrix_share_heatmap(results(), "opcm") is None  # no per-matrix diagnostics: no figure
     assert plots.live_cosine_figure(results()) is None and plots.live_spectrum_figure(results()) is None
+
+
+def lab_distance(first: str, second: str) -> float:
+    """CIELAB (D65) distance between two sRGB colours: about 2.3 is just noticeable, 10 plainly apart."""
+    import math
+
+    def lab(hex_colour: str) -> tuple[float, float, float]:
+        r, g, b = (int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5))
+        r, g, b = ((c / 12.92) if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b))
+        x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+        y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+        z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+        f = [v ** (1 / 3) if v > 0.008856 else 7.787 * v + 16 / 116 for v in (x, y, z)]
+        return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+    return math.dist(lab(first), lab(second))
+
+
+def twenty_tasks() -> RunResults:
+    """A 20-task run (TALL20's size) with one method, every task evaluated after every step."""
+    tasks = [f"task-{i:02d}" for i in range(20)]
+    accuracy = [{t: 0.5 + 0.02 * ((i + s) % 20) for i, t in enumerate(tasks[: s + 1])} for s in range(20)]
+    step = {"merge_seconds": 0.1, "eval_seconds": 0.2, "diagnostics": {}}
+    data = {
+        "config": {"backbone": "mini", "checkpoints": [{"source": t, "task": t} for t in tasks]},
+        "tasks": tasks,
+        "reference": {"pretrained": dict.fromkeys(tasks, 0.4), "finetuned": dict.fromkeys(tasks, 0.9)},
+        "methods": {"opcm": {"options": {}, "accuracy": accuracy, "steps": [step] * 20}},
+    }
+    return RunResults.from_json(data)
+
+
+def test_twenty_tasks_get_twenty_distinct_colours_and_keep_them_in_every_plot():
+    data = twenty_tasks()
+    curves = plots.per_task_curves(data, "opcm")
+    colours = [t.line.color for t in curves.data]
+    assert len(colours) == 20 and len(set(colours)) == 20
+    worst = min(lab_distance(a, b) for i, a in enumerate(colours) for b in colours[:i])
+    assert worst >= 10, worst  # plainly apart, not two shades of one blue
+    assert len(set(plots.METHOD_COLOURS)) == len(METHODS) <= len(plots.METHOD_COLOURS)
+    # the spectra draw τ_t in its task's colour and a merged delta in its method's, as the other plots do
+    spectra = plots.spectrum_figure(
+        {"τ12 task-11": [2.0, 1.0], "merged opcm": [3.0, 1.0]},
+        "layer",
+        colours=plots.spectrum_colours(data, {"τ12 task-11": 0, "merged opcm": 0}),
+    )
+    by_name = {t.name: t.line.color for t in spectra.data}
+    assert by_name["τ12 task-11"] == colours[11] == plots.task_colour(data, "task-11")
+    acc = plots.acc_bwt_figure(data)
+    assert {t.line.color for t in acc.data if t.name == "opcm"} == {by_name["merged opcm"]}
+
+
+def test_log_ticks_are_whole_numbers_not_bare_digits_and_heatmaps_fit_twenty_tasks():
+    values, labels = plots.log_ticks([0.012, 0.03, 0.9, 7.0])
+    assert labels == ["0.02", "0.05", "0.1", "0.2", "0.5", "1", "2", "5"]
+    assert values == pytest.approx([0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5])
+    assert plots.log_ticks([0.004, 7.0])[1] == ["0.01", "0.1", "1"]  # over 3 decades: powers of ten only
+    assert plots.log_ticks([1e-6, 1.0])[1] == ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1"]
+    assert plots.log_ticks([0.31, 0.33])[1] == ["0.2", "0.5"]  # a narrow range still gets a tick either side
+    figure = plots.spectrum_figure({"τ1 a": [5.0, 0.3, 0.01]}, "layer")
+    assert list(figure.layout.yaxis.ticktext) == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2", "5"]
+    data = twenty_tasks()
+    heatmap = plots.accuracy_heatmap(data, "opcm")
+    assert list(heatmap.data[0].x) == [str(t) for t in range(1, 21)]  # step numbers: no rotated task names
+    assert heatmap.data[0].texttemplate is None  # no numbers crammed into 400 cells; the hover has them
+    names = [f"τ{t} task-{t - 1:02d}" for t in range(1, 21)] + ["merged opcm"]
+    cosine = plots.cosine_heatmap([[0.0] * 21] * 21, names)
+    assert max(len(x) for x in cosine.data[0].x) <= 4 and cosine.layout.xaxis.tickangle == 0
+    long = plots.acc_bwt_figure(data)
+    assert "<br>" not in long.layout.title.text  # short enough to fit a half-width plot
+    wrapped = plots.styled(plots.go.Figure(), "a title " * 12)
+    assert all(len(line) <= plots.TITLE_CHARS for line in wrapped.layout.title.text.split("<br>"))

@@ -387,7 +387,10 @@ def analysis_figures(results: RunResults, layer: str | None = None):
     spectra = {name: singular_values(model, layer, base).tolist() for name, model in zip(names, models, strict=True)}
     merged = {method: f"merged {method}" for method in results.methods if f"merged {method}" in spectra}
     levels, cuts = plots.spectra_with_cuts(spectra, merged, plots.spectrum_marks(results))
-    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(spectra, layer, levels, cuts)
+    colours = plots.spectrum_colours(results, spectra)
+    return plots.cosine_heatmap(similarity.tolist(), names), plots.spectrum_figure(
+        spectra, layer, levels, cuts, colours=colours
+    )
 
 
 def final_spectrum_figure(results: RunResults, layer: object):
@@ -424,7 +427,9 @@ def final_spectrum_figure(results: RunResults, layer: object):
             spectra[names[method]] = singular_values(open_encoder(path), label, base).tolist()
     levels, cuts = plots.spectra_with_cuts(spectra, names, plots.spectrum_marks(results))
     title = f"Spectra of {layer_name(label, family.matrix_type(label))} after step {step} (+{task})"
-    return plots.spectrum_figure(spectra, label, levels, cuts, title=title)
+    return plots.spectrum_figure(
+        spectra, label, levels, cuts, title=title, colours=plots.spectrum_colours(results, spectra)
+    )
 
 
 def _hub_repo(repo_id: str, token: str) -> str:

@@ -20,7 +20,41 @@ from merging.evaluation.tasks import ASSETS
 from merging.experiment.results import RunResults
 
 UIREVISION = "continual-merging-lab"
-COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
+# Paul Tol's 23-colour discrete rainbow (personal.sron.nl/~pault, designed to stay distinguishable
+# for colour-blind readers), less its near-white first colour, ordered for categories: greedily
+# farthest (CIELAB) from those already taken, the four pale ones last (they read worst on white).
+# 22 colours, so 20 tasks never share one (the 8 of before made mini-digits and mini-counts
+# the same blue); tests/test_plots.py checks that every pair differs (CIELAB distance >= 10).
+COLOURS = (
+    "#1965B0",
+    "#DC050C",
+    "#4EB265",
+    "#42150A",
+    "#F4A736",
+    "#882E72",
+    "#CAACCB",
+    "#7BAFDE",
+    "#AA6F9E",
+    "#A5170E",
+    "#72190E",
+    "#E65518",
+    "#EE8026",
+    "#90C987",
+    "#994F88",
+    "#BA8DB4",
+    "#6195CF",
+    "#437DBF",
+    "#F7F056",
+    "#F7CB45",
+    "#CAE0AB",
+    "#D9CCE3",
+)
+# Methods have a palette of their own (Tol's "muted"), fixed by their place in the registry, so a
+# method keeps its colour in every plot and every run, and never takes a task's colour.
+METHOD_COLOURS = ("#332288", "#CC6677", "#117733", "#DDCC77", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499")
+# Beside colour, a second cue for lines (colour-blind readers, grey print): a marker per task.
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "triangle-down", "cross", "star", "pentagon", "hexagon")
+TITLE_CHARS = 44  # a longer title wraps onto a second line (a 330 px phone-wide plot fits this many at 12 px)
 PUBLISHED_BACKBONES = {
     "ViT-B-32": "ViT-B/32",
     "openai/clip-vit-base-patch32": "ViT-B/32",
@@ -34,7 +68,54 @@ TABLE_HEADERS = ["method", "ACC (%)", "BWT (%)", "merge s/step", "eval s/step"]
 
 
 def colour(index: int) -> str:
+    """The ``index``-th categorical colour (tasks by their place in the run's order)."""
     return COLOURS[index % len(COLOURS)]
+
+
+def task_colour(results: RunResults, task: str) -> str:
+    """A task's colour: the same in every plot of a run (its place in the merge order)."""
+    return colour(results.tasks.index(task)) if task in results.tasks else "#777777"
+
+
+def task_symbol(results: RunResults, task: str) -> str:
+    return SYMBOLS[results.tasks.index(task) % len(SYMBOLS)] if task in results.tasks else "circle"
+
+
+def method_colour(name: str) -> str:
+    """A method's colour, fixed by its place in the registry (so runs overlay consistently)."""
+    from merging.methods import METHODS
+
+    names = list(METHODS)
+    index = names.index(name) if name in names else len(names) + sum(map(ord, name))
+    return METHOD_COLOURS[index % len(METHOD_COLOURS)]
+
+
+def wrap_title(title: str, width: int = TITLE_CHARS) -> str:
+    """Break a long title at spaces into lines of at most ``width`` characters (plotly never wraps)."""
+    import textwrap
+
+    return "<br>".join(textwrap.wrap(title, width, break_long_words=False, break_on_hyphens=False)) or title
+
+
+def log_ticks(values: Sequence[float]) -> tuple[list[float], list[str]] | None:
+    """Tick values and labels for a log axis over ``values``: 1, 2, 5 × 10^k in range (only 10^k over
+    more than three decades), each labelled in full ("0.02", "1e-05"), instead of plotly's bare
+    leading digits ("5, 2, 0.1, 5, 2")."""
+    import math
+
+    positive = [float(v) for v in values if v is not None and float(v) > 0]
+    if not positive:
+        return None
+    low, high = min(positive), max(positive)
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    steps = (1,) if last - first > 3 else (1, 2, 5)
+    ticks = [m * 10.0**k for k in range(first, last + 1) for m in steps]
+    inside = [t for t in ticks if low / 1.001 <= t <= high * 1.001]
+    if len(inside) < 2:  # a narrow range: the ticks either side too
+        below = [t for t in ticks if t < low][-1:]
+        above = [t for t in ticks if t > high][:1]
+        inside = below + inside + above
+    return inside, [f"{t:.3g}" for t in inside]
 
 
 def accuracy_matrix(results: RunResults, method: str) -> list[list[float | None]]:
@@ -44,41 +125,84 @@ def accuracy_matrix(results: RunResults, method: str) -> list[list[float | None]
 
 
 def _step_labels(results: RunResults, steps: int) -> list[str]:
-    return [f"{t + 1}: +{results.tasks[t]}" for t in range(steps)]
+    """Step numbers as category labels: short, so 20 of them fit side by side unrotated (the task
+    that entered is in the hover text and the y labels)."""
+    return [str(t + 1) for t in range(steps)]
+
+
+def _entered(results: RunResults, steps: int) -> list[str]:
+    return [results.tasks[t] if t < len(results.tasks) else "" for t in range(steps)]
 
 
 def styled(figure: go.Figure, title: str, height: int = 360) -> go.Figure:
-    """The lab's look (and a constant ``uirevision``, so a user's zoom survives live updates)."""
+    """The lab's look (and a constant ``uirevision``, so a user's zoom survives live updates).
+
+    The legend sits below the whole figure, in the container's coordinates, so plotly reserves
+    room for it under the axis titles instead of drawing it over them (tested in the browser);
+    a long title wraps onto a second line rather than being cut at the plot's edge.
+    """
+    text = wrap_title(title)
+    lines = text.count("<br>") + 1
     figure.update_layout(
-        title=title,
-        height=height,
-        margin=dict(l=10, r=10, t=40, b=10),
+        title=dict(text=text, x=0.01, xanchor="left", font=dict(size=14)),
+        height=height + 18 * (lines - 1),
+        margin=dict(l=10, r=10, t=30 + 18 * lines, b=10),
         uirevision=UIREVISION,
-        legend=dict(orientation="h", yanchor="bottom", y=-0.35, x=0),
+        legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left"),
         template="plotly_white",
     )
+    figure.update_xaxes(automargin=True)
+    figure.update_yaxes(automargin=True)
     return figure
+
+
+def title_text(figure: go.Figure) -> str:
+    """A figure's title as one line of plain text (:func:`styled` may have wrapped it)."""
+    return (figure.layout.title.text or "").replace("<br>", " ")
 
 
 def accuracy_heatmap(results: RunResults, method: str) -> go.Figure:
     """Tasks × steps heatmap of one method's accuracy matrix, values printed in the cells."""
     matrix = accuracy_matrix(results, method)
     steps = len(results.methods[method].steps)
-    figure = go.Figure(
-        go.Heatmap(
-            z=matrix,
-            x=_step_labels(results, steps),
-            y=list(results.tasks),
-            zmin=0,
-            zmax=100,
-            colorscale="Viridis",
-            texttemplate="%{z:.1f}",
-            hovertemplate="%{y} after step %{x}: %{z:.1f}%<extra></extra>",
-            colorbar=dict(title="%"),
-        )
-    )
+    figure = go.Figure(_accuracy_trace(results, matrix, steps))
     figure.update_yaxes(autorange="reversed")
-    return styled(figure, f"{method}: accuracy on each task after each step", height=120 + 28 * len(matrix))
+    figure.update_xaxes(title_text="step", type="category")
+    return styled(figure, f"{method}: accuracy on each task after each step", height=_matrix_height(len(matrix)))
+
+
+def _matrix_height(rows: int) -> int:
+    return 150 + (28 if rows <= 12 else 20) * rows
+
+
+def _accuracy_trace(
+    results: RunResults,
+    matrix: Sequence[Sequence[float | None]],
+    steps: int,
+    zmin: float = 0,
+    zmax: float = 100,
+    colorscale: str = "Viridis",
+    unit: str = "%",
+    showscale: bool = True,
+    **extra: Any,
+) -> go.Heatmap:
+    """A tasks × steps heatmap trace: values in the cells (one decimal) while they fit (≤ 12 tasks)."""
+    small = len(matrix) <= 12
+    return go.Heatmap(
+        z=[list(row[:steps]) for row in matrix],
+        x=_step_labels(results, steps),
+        y=list(results.tasks),
+        customdata=[_entered(results, steps)] * len(matrix),
+        zmin=zmin,
+        zmax=zmax,
+        colorscale=colorscale,
+        texttemplate="%{z:.1f}" if small else None,
+        textfont=dict(size=11 if small else 9),
+        hovertemplate="%{y} after step %{x} (+%{customdata}): %{z:.1f}" + unit + "<extra></extra>",
+        colorbar=dict(title=unit),
+        showscale=showscale,
+        **extra,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -135,10 +259,10 @@ def acc_bwt_figure(results: RunResults) -> go.Figure:
             )
     markers = published_markers(results.config)
     total = results.total_steps
-    for index, (name, data) in enumerate(results.methods.items()):
+    for name, data in results.methods.items():
         acc = [100 * a for a in data.acc_per_step]
         bwt = [None if b is None else 100 * b for b in data.bwt_per_step]
-        style = dict(color=colour(index))
+        style = dict(color=method_colour(name))
         figure.add_trace(
             go.Scatter(x=x[: len(acc)], y=acc, name=name, mode="lines+markers", line=style, legendgroup=name),
             row=1,
@@ -159,7 +283,7 @@ def acc_bwt_figure(results: RunResults) -> go.Figure:
                         y=[markers[name][metric]],
                         name=f"{name} (published)",
                         mode="markers",
-                        marker=dict(symbol="star", size=13, color=colour(index)),
+                        marker=dict(symbol="star", size=13, color=method_colour(name)),
                         legendgroup=name,
                         showlegend=col == 1,
                     ),
@@ -167,7 +291,7 @@ def acc_bwt_figure(results: RunResults) -> go.Figure:
                     col=col,
                 )
     figure.update_xaxes(title_text="step", dtick=1)
-    return styled(figure, "Average accuracy and backward transfer as tasks arrive")
+    return styled(figure, "ACC and BWT after each step")
 
 
 def per_task_curves(results: RunResults, method: str) -> go.Figure:
@@ -178,27 +302,55 @@ def per_task_curves(results: RunResults, method: str) -> go.Figure:
         points = [(t + 1, v) for t, v in enumerate(row) if v is not None]
         if points:
             xs, ys = zip(*points, strict=True)
-            figure.add_trace(go.Scatter(x=xs, y=ys, name=task, mode="lines+markers", line=dict(color=colour(index))))
+            figure.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    name=task,
+                    mode="lines+markers",
+                    line=dict(color=colour(index)),
+                    marker=dict(symbol=SYMBOLS[index % len(SYMBOLS)]),
+                )
+            )
     figure.update_xaxes(title_text="step", dtick=1)
     figure.update_yaxes(title_text="accuracy (%)")
-    return styled(figure, f"{method}: each task's accuracy as later tasks are merged")
+    return styled(figure, f"{method}: each task's accuracy as later tasks arrive")
+
+
+def short_name(name: str) -> str:
+    """A column label that fits under a narrow cell: "τ3 sun397" → "τ3", "merged opcm" → "opcm"."""
+    if name.startswith("τ"):
+        return name.split(" ")[0]
+    return name.removeprefix("merged ")
 
 
 def cosine_heatmap(similarity: Sequence[Sequence[float]], names: Sequence[str]) -> go.Figure:
+    """Cosines between task vectors (and merged deltas): full names down the side, short ones
+    (τ1, τ2, …, the method) across, unrotated, so 20 tasks stay legible; values in the cells up to 12."""
+    small = len(names) <= 12
+    cells = len(names) <= 6  # two decimals need a cell about 30 px wide: a half-width plot fits six
     figure = go.Figure(
         go.Heatmap(
             z=[list(map(float, row)) for row in similarity],
-            x=list(names),
+            x=[short_name(n) for n in names],
             y=list(names),
+            customdata=[list(names)] * len(names),
             zmin=-1,
             zmax=1,
             colorscale="RdBu",
             reversescale=True,
-            texttemplate="%{z:.2f}",
+            texttemplate="%{z:.2f}" if cells else None,
+            textfont=dict(size=11),
+            hovertemplate="%{y} · %{customdata}: %{z:.3f}<extra></extra>",
         )
     )
     figure.update_yaxes(autorange="reversed")
-    return styled(figure, "Cosine similarity of task vectors (and the merged delta)", height=160 + 26 * len(names))
+    figure.update_xaxes(tickangle=0, type="category")
+    return styled(
+        figure,
+        "Cosine similarity of task vectors (and the merged delta)",
+        height=160 + (26 if small else 18) * len(names),
+    )
 
 
 def spectrum_figure(
@@ -207,6 +359,7 @@ def spectrum_figure(
     marks: Mapping[str, float] | None = None,
     cuts: Mapping[str, int] | None = None,
     title: str | None = None,
+    colours: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """Singular values and the normalised cumulative spectrum of one layer, with the methods' marks.
 
@@ -220,11 +373,13 @@ def spectrum_figure(
 
     from merging.analysis import cumulative_share
 
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("singular values", "normalised cumulative spectrum"))
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("singular values", "cumulative share"))
+    every = []
     for index, (name, values) in enumerate(spectra.items()):
         values = [float(v) for v in values]
+        every += values
         cumulative = cumulative_share(torch.tensor(values, dtype=torch.float64)).tolist()
-        style = dict(color=colour(index))
+        style = dict(color=(colours or {}).get(name, colour(index)), dash="dash" if name.startswith("merged") else None)
         figure.add_trace(go.Scatter(y=values, name=name, mode="lines", line=style, legendgroup=name), row=1, col=1)
         figure.add_trace(
             go.Scatter(y=cumulative, name=name, mode="lines", line=style, legendgroup=name, showlegend=False),
@@ -239,7 +394,10 @@ def spectrum_figure(
         figure.add_vline(
             x=rank - 0.5, line=dict(dash="dot", color="#444"), row=1, col=1, annotation_text=f"{label}: r = {rank}"
         )
+    ticks = log_ticks(every)
     figure.update_yaxes(type="log", row=1, col=1)
+    if ticks is not None:
+        figure.update_yaxes(tickvals=ticks[0], ticktext=ticks[1], row=1, col=1)
     figure.update_xaxes(title_text="index")
     return styled(figure, title or f"Spectra of {layer}")
 
@@ -291,7 +449,10 @@ def live_cosine_figure(results: RunResults) -> go.Figure | None:
     figure = cosine_heatmap(table.values, table.names)
     last = results.analysis[-1]
     note = f" (τ·τ from a {last.sketch_dimension:,}-bucket sketch, ±0.01)" if table.sketched else ""
-    return styled(figure, f"Cosine similarity after step {last.step}{note}", height=figure.layout.height)
+    rows = len(table.names)
+    return styled(
+        figure, f"Cosine similarity after step {last.step}{note}", height=160 + (26 if rows <= 12 else 18) * rows
+    )
 
 
 def live_spectrum_figure(results: RunResults) -> go.Figure | None:
@@ -305,7 +466,18 @@ def live_spectrum_figure(results: RunResults) -> go.Figure | None:
     spectra.update({names[m]: values for m, values in last.merged_spectra.items()})
     levels, cuts = spectra_with_cuts(spectra, names, spectrum_marks(results))
     title = f"Spectra of {last.layer_name} after step {last.step} (+{last.task})"
-    return spectrum_figure(spectra, last.layer, levels, cuts, title=title)
+    return spectrum_figure(spectra, last.layer, levels, cuts, title=title, colours=spectrum_colours(results, spectra))
+
+
+def spectrum_colours(results: RunResults, spectra: Mapping[str, Any]) -> dict[str, str]:
+    """Each curve in its task's or method's colour ("τ3 sun397" is sun397's, "merged opcm" OPCM's)."""
+    out = {}
+    for name in spectra:
+        if name.startswith("merged "):
+            out[name] = method_colour(name.removeprefix("merged "))
+        elif name.startswith("τ") and " " in name:
+            out[name] = task_colour(results, name.split(" ", 1)[1])
+    return out
 
 
 def matrix_share_heatmap(results: RunResults, method: str, quantity: str = "removed_share") -> go.Figure | None:
@@ -332,13 +504,15 @@ def matrix_share_heatmap(results: RunResults, method: str, quantity: str = "remo
             z=z,
             x=_step_labels(results, len(steps)),
             y=[name for name, _ in rows],
+            customdata=[_entered(results, len(steps))] * len(rows),
             zmin=0,
             colorscale="Reds",
-            hovertemplate="%{y} at step %{x}: %{z:.1f}%<extra></extra>",
+            hovertemplate="%{y} at step %{x} (+%{customdata}): %{z:.1f}%<extra></extra>",
             colorbar=dict(title="%"),
         )
     )
     figure.update_yaxes(autorange="reversed")
+    figure.update_xaxes(title_text="step", type="category")
     pretty = quantity.replace("_", " ")
     height = 140 + (18 if len(rows) <= 24 else 12) * len(rows)
     return styled(figure, f"{method}: {pretty} of each layer's task vector, per step", height=height)
