@@ -43,7 +43,7 @@ from merging.experiment.results import RunResults
 from merging.io.checkpoints import open_encoder
 from merging.io.sources import check_source_text
 from merging.methods import DEFAULT_METHOD, METHODS
-from merging.ui import lab, plots
+from merging.ui import history, lab, plots
 from merging.ui.hosting import SourcePolicy, Workspaces, hosted_mode, max_upload_bytes, safe_upload_name
 
 DEFAULT_PRESET = "mini-8"
@@ -457,6 +457,47 @@ class LabHandlers:
     def stopped(self, results: dict[str, Any] | None) -> str:
         return lab.stopped_status(results_from_state(results))
 
+    # ---------------------------------------------------------------- comparing methods, the run history
+
+    def compare(self, results: dict[str, Any] | None, view: Any, first: Any, second: Any) -> tuple[Any, Any, Any]:
+        """The compare view of the run on the page and the two method lists of the difference view
+        (each keeps its choice while the run has that method; else the first and the last method)."""
+        try:
+            view = _choice(view, plots.COMPARE_VIEWS, "compare view")
+            typed = results_from_state(results)
+            names = list(typed.methods) if typed is not None else []
+            a = first if isinstance(first, str) and first in names else (names[0] if names else None)
+            others = [n for n in names if n != a]
+            b = second if isinstance(second, str) and second in others else (others[-1] if others else a)
+            figure = plots.compare_figure(typed, view, a, b) if typed is not None else None
+            return figure, gr.update(choices=names, value=a), gr.update(choices=names, value=b)
+        except MergingError as exc:
+            raise user_error(exc) from None
+
+    def record_run(self, results: dict[str, Any] | None, runs: Any) -> tuple[Any, Any, Any, Any]:
+        """Keep the run that just ended (finished, failed part-way or stopped) in the session's history."""
+        runs = history.record(runs, results)
+        names = history.labels(runs)
+        return (
+            runs,
+            history.styled_table(history.table(runs)),
+            gr.update(choices=names, value=names[-2:]),
+            history.overlay_figure(runs, names[-2:]),
+        )
+
+    def overlay(self, runs: Any, chosen: Any) -> Any:
+        """The ACC/BWT curves of the chosen runs of this session (all of them when none is chosen)."""
+        if chosen is not None and (not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen)):
+            raise user_error(MergingError("choose runs by their labels"))
+        return history.overlay_figure(runs, chosen)
+
+    def download_runs(self, request: gr.Request, runs: Any) -> str:
+        """Every run of the session zipped into the session's own folder, offered as a download."""
+        try:
+            return str(history.write_zip(runs, self.workspaces.new_folder(session_of(request), "history")))
+        except MergingError as exc:
+            raise user_error(exc) from None
+
     def show_method(self, results: dict[str, Any] | None, shown: str) -> tuple[Any, Any, Any]:
         """The matrix, per-task curves and internals of the method chosen to be shown."""
         typed = results_from_state(results)
@@ -673,6 +714,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
     with gr.Blocks(title="Continual merging lab", delete_cache=(1800, 3600)) as demo:
         results_state = gr.State(None)
         merge_state = gr.State(None)
+        runs_state = gr.State([])  # this session's run history (merging.ui.history), bounded
         gr.Markdown(
             "# Continual merging lab\n"
             "Merge fine-tuned CLIP image encoders into their pretrained encoder one task at a time and watch "
@@ -758,6 +800,34 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                         lines = gr.Plot(label="ACC and BWT", elem_id="lab-plot-acc-bwt")
                     curves = gr.Plot(label="Per-task accuracy", elem_id="lab-plot-per-task")
                     table = gr.Dataframe(headers=plots.TABLE_HEADERS, label="Results", interactive=False)
+                    with gr.Accordion("Compare methods", open=False):
+                        with gr.Row():
+                            compare_view = gr.Radio(
+                                [
+                                    ("every matrix", "matrices"),
+                                    ("difference A − B", "difference"),
+                                    ("normalised", "normalised"),
+                                ],
+                                value="matrices",
+                                label="View",
+                            )
+                            compare_a = gr.Dropdown([DEFAULT_METHOD], value=DEFAULT_METHOD, label="Method A")
+                            compare_b = gr.Dropdown([DEFAULT_METHOD], value=DEFAULT_METHOD, label="Method B")
+                        compare_plot = gr.Plot(label="Compare methods", elem_id="lab-plot-compare")
+                        gr.Markdown(
+                            "Normalised: $(a_{i,t} - z_i) / (f_i - z_i)$, with $z_i$ the pretrained (zero-shot) and "
+                            "$f_i$ the fine-tuned accuracy on task $i$: 0 is zero-shot, 100 the task's own "
+                            "fine-tuned model.",
+                            latex_delimiters=[{"left": "$", "right": "$", "display": False}],
+                        )
+                    with gr.Accordion("Runs of this session", open=False):
+                        runs_table = gr.Dataframe(
+                            headers=history.HISTORY_HEADERS, label="Runs (newest last)", interactive=False
+                        )
+                        runs_choice = gr.CheckboxGroup([], label="Runs to overlay")
+                        runs_plot = gr.Plot(label="ACC and BWT of the chosen runs", elem_id="lab-plot-runs")
+                        runs_zip_button = gr.Button("Download every run (zip)")
+                        runs_zip = gr.File(label="Every run: results.json and config.json each", interactive=False)
                     with gr.Accordion("Push a merged encoder to the Hub", open=False):
                         with gr.Row():
                             push_method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
@@ -839,7 +909,20 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 show_progress_on=[progress_anchor],
                 **compute,
             )
-            stop.click(handlers.stopped, [results_state], [status], cancels=[event], api_name="stop")
+            stop_event = stop.click(handlers.stopped, [results_state], [status], cancels=[event], api_name="stop")
+            # every run that ends (finished, failed part-way, stopped) joins the session's history
+            recorded = [runs_state, runs_table, runs_choice, runs_plot]
+            for ended in (event, stop_event):
+                ended.then(handlers.record_run, [results_state, runs_state], recorded, api_visibility="private")
+            runs_choice.input(handlers.overlay, [runs_state, runs_choice], runs_plot, api_visibility="private")
+            runs_zip_button.click(handlers.download_runs, [runs_state], runs_zip, api_visibility="private")
+            compare_inputs = [results_state, compare_view, compare_a, compare_b]
+            compare_outputs = [compare_plot, compare_a, compare_b]
+            results_state.change(
+                handlers.compare, compare_inputs, compare_outputs, api_visibility="private", show_progress="hidden"
+            )
+            for control in (compare_view, compare_a, compare_b):
+                control.input(handlers.compare, compare_inputs, compare_outputs, api_visibility="private")
             push_button.click(
                 handlers.push,
                 [results_state, push_method, push_repo, push_token],

@@ -267,6 +267,17 @@ def test_run_and_stop_stay_in_reach_on_a_laptop_and_a_phone_and_the_plots_read_a
             assert all(p["xtitles"] >= 1 for p in measured)  # the check above had titles to look at
             curves = next(p for p in measured if p["id"] == "lab-plot-per-task")["colours"]
             assert len(curves) == 8 == len(set(curves))
+            if name == "laptop":  # the run joined the session's history, and the compare view shows it
+                page.get_by_text("Runs of this session").click()
+                runs = page.locator("#lab-plot-runs .js-plotly-plot")
+                runs.wait_for(timeout=30_000)
+                assert runs.evaluate("el => el.data.filter((t) => t.showlegend !== false).map((t) => t.name)") == [
+                    "#1 opcm"
+                ]
+                page.get_by_text("Compare methods").click()
+                compare = page.locator("#lab-plot-compare .js-plotly-plot")
+                compare.wait_for(timeout=30_000)
+                assert compare.evaluate("el => el.data[0].z.length") == 8
             scroll_to_bottom(page)
             assert_actions_in_view(page, f"at the bottom after the run ({name})")
             if name == "laptop":

@@ -560,3 +560,75 @@ TABLE_FORMATS = {"ACC (%)": "{:.2f}", "BWT (%)": "{:+.2f}", "merge s/step": "{:.
 def styled_table(table: pd.DataFrame) -> Any:
     """The results table as the page shows it: fixed decimals per column, empty cells blank."""
     return table.style.format(TABLE_FORMATS, na_rep="")
+
+
+# ------------------------------------------------------------------ comparing methods
+
+COMPARE_VIEWS = ("matrices", "difference", "normalised")
+
+
+def normalised_matrix(results: RunResults, method: str) -> list[list[float | None]]:
+    """(acc − zero-shot) / (fine-tuned − zero-shot) per task and step, in percent: 0 is the pretrained
+    model, 100 the task's own fine-tuned model. None where not evaluated, or where fine-tuning did
+    not beat zero-shot (the ratio would have no meaning)."""
+    pretrained = results.reference.get("pretrained") or {}
+    finetuned = results.reference.get("finetuned") or {}
+    out: list[list[float | None]] = []
+    for task, row in zip(results.tasks, results.methods[method].matrix(all_tasks=True), strict=True):
+        gap = finetuned.get(task, 0.0) - pretrained.get(task, 0.0)
+        usable = task in pretrained and task in finetuned and gap > 1e-9
+        out.append([None if v is None or not usable else 100 * (v - pretrained[task]) / gap for v in row])
+    return out
+
+
+def compare_figure(
+    results: RunResults, view: str = "matrices", first: str | None = None, second: str | None = None
+) -> go.Figure | None:
+    """The methods of a run side by side: their accuracy matrices as small multiples on one colour
+    scale ("matrices"), one method minus another in points ("difference", ``first`` − ``second``),
+    or each matrix normalised by the run's reference rows ("normalised"). None before the first step."""
+    names = [m for m in results.methods if results.methods[m].steps]
+    if not names:
+        return None
+    steps = results.completed_steps
+    if view == "difference":
+        a = first if first in names else names[0]
+        b = second if second in names else names[-1]
+        left, right = accuracy_matrix(results, a), accuracy_matrix(results, b)
+        diff = [
+            [None if x is None or y is None else x - y for x, y in zip(ra, rb, strict=True)]
+            for ra, rb in zip(left, right, strict=True)
+        ]
+        span = max([abs(v) for row in diff for v in row if v is not None] + [1.0])
+        figure = go.Figure(
+            _accuracy_trace(results, diff, steps, zmin=-span, zmax=span, colorscale="RdBu", unit=" points")
+        )
+        figure.update_yaxes(autorange="reversed")
+        figure.update_xaxes(title_text="step", type="category")
+        return styled(figure, f"{a} − {b} (accuracy points; blue: {a} ahead)", height=_matrix_height(len(diff)))
+    normalised = view == "normalised"
+    columns = min(len(names), 3)
+    rows = -(-len(names) // columns)
+    figure = make_subplots(
+        rows=rows, cols=columns, subplot_titles=names, horizontal_spacing=0.04, vertical_spacing=0.12 / rows
+    )
+    for index, name in enumerate(names):
+        matrix = normalised_matrix(results, name) if normalised else accuracy_matrix(results, name)
+        trace = _accuracy_trace(
+            results, matrix, steps, unit="% of the gap" if normalised else "%", showscale=index == 0
+        )
+        trace.update(texttemplate=None, coloraxis="coloraxis")
+        figure.add_trace(trace, row=index // columns + 1, col=index % columns + 1)
+    figure.update_layout(
+        coloraxis=dict(colorscale="Viridis", cmin=0, cmax=100, colorbar=dict(title="%" if not normalised else "% gap"))
+    )
+    figure.update_yaxes(autorange="reversed")
+    figure.update_yaxes(showticklabels=False)
+    figure.update_yaxes(showticklabels=True, col=1)
+    figure.update_xaxes(type="category")
+    title = (
+        "Normalised accuracy: (acc − zero-shot) / (fine-tuned − zero-shot)"
+        if normalised
+        else "Accuracy matrices of every method (tasks × steps)"
+    )
+    return styled(figure, title, height=rows * _matrix_height(len(results.tasks)) - (rows - 1) * 60)
