@@ -22,8 +22,8 @@ network's forward passes, merging; and the critical path, the run's wall time, a
 sum of its foreground phases.
 
 ``--quick`` is the size for a 2-core CPU (3 tasks, 32 test images and 16 train images each,
-OTMF with 2 mask updates per step): a few minutes per run on an idle machine. The defaults (20 tasks, 500 test images, OTMF's 100 updates) are
-a GPU's job.
+OTMF with 2 mask updates per step): a few minutes per run on an idle machine. The defaults
+(20 tasks, 500 test images, OTMF's 100 updates) are a GPU's job.
 """
 
 from __future__ import annotations
