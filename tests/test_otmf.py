@@ -153,6 +153,14 @@ def test_fused_adam_as_on_cuda_stays_close_to_the_per_parameter_formulation(pret
     compare_with_reference(pretrained, models, {"steps": 6, "lr": 0.05}, tolerance=1e-4)
 
 
+def test_checkpoints_without_some_parameters_fuse_the_rest_and_keep_those_pretrained(pretrained, models):
+    """Merged parameters fewer than θ0's (no projection in a CLIPVisionModel): the flat buffers then
+    cover only those, copied out of θ0 and the merged model, and the others stay θ0's."""
+    partial = [{k: v for k, v in model.items() if k != "proj"} for model in models]
+    runs = compare_with_reference(pretrained, partial, {"steps": 4}, tolerance=1e-6)
+    assert torch.equal(runs[0][-1][0]["proj"], pretrained["proj"])
+
+
 def compare_with_reference(pretrained, models, options, tolerance):
     runs = []
     for kind in (OTMF, PerParameterOTMF):
@@ -173,7 +181,8 @@ def compare_with_reference(pretrained, models, options, tolerance):
             assert flat_diagnostics["masks"][which]["mean"] == pytest.approx(summary["mean"], rel=tolerance)
             assert flat_diagnostics["masks"][which]["std"] == pytest.approx(summary["std"], rel=1e3 * tolerance)
     if options.get("masks") != "off":
-        assert any(not torch.equal(runs[0][-1][0][k], models[-1][k]) for k in pretrained)
+        assert any(not torch.equal(runs[0][-1][0][k], models[-1][k]) for k in models[-1])
+    return runs
 
 
 def test_otmf_keeps_theta0_and_the_merged_model_in_flat_buffers(pretrained, models):
