@@ -43,11 +43,12 @@ from merging.experiment.results import RunResults
 from merging.io.checkpoints import open_encoder
 from merging.io.sources import check_source_text
 from merging.methods import DEFAULT_METHOD, METHODS
-from merging.ui import history, lab, plots
+from merging.ui import history, lab, plots, teaching
 from merging.ui.hosting import SourcePolicy, Workspaces, hosted_mode, max_upload_bytes, safe_upload_name
 
 DEFAULT_PRESET = "mini-8"
 DEFAULT_BACKBONE = "mini"
+OPTION_DEFAULTS = [o.default for cls in METHODS.values() for o in cls.options]  # in lab.option_fields() order
 
 SETTING = r"""
 **Setting.** $\theta_0$ is the pretrained image encoder, $\theta_t$ the one fine-tuned on task $t$, and
@@ -109,6 +110,7 @@ LAYOUT_CSS = """
   border-bottom: 1px solid var(--border-color-primary); padding: 6px 4px; flex-wrap: nowrap; align-items: center; }
 #lab-status { max-height: 4.6em; overflow-y: auto; min-width: 0; }
 #lab-status p { margin: 0; }
+.lab-formula { font-size: 0.85em; opacity: 0.85; }
 @media (min-width: 1024px) {
   #lab-setup { position: sticky; top: 72px; align-self: flex-start; max-height: calc(100vh - 80px);
     overflow-y: auto; }
@@ -117,7 +119,7 @@ LAYOUT_CSS = """
   #lab-actions { flex-wrap: wrap; }
   #lab-status { flex-basis: 100%; max-height: 3.2em; font-size: 0.85em; }
   .js-plotly-plot .gtitle { font-size: 12px !important; }  /* plot titles fit a phone-wide plot */
-  #lab-plot-matrix .textpoint { display: none; }  /* 8 numbers do not fit a 300 px row: the hover has them */
+  #lab-plot-matrix .heatmaplayer text { display: none; }  /* 8 numbers do not fit a 300 px row: the hover has them */
 }
 #lab-checkpoints textarea { white-space: pre; overflow-x: auto; }  /* one path per line, never cut mid-word */
 """
@@ -209,6 +211,7 @@ class RunView:
     spectra: Any = field(default_factory=gr.skip)  # the chosen layer's spectra after the last step
     removed: Any = field(default_factory=gr.skip)  # OPCM's removed share per layer × step
     layer: Any = field(default_factory=gr.skip)  # the layer list, once the run knows its encoder
+    account: Any = field(default_factory=gr.skip)  # the last step in plain words (merging.ui.teaching)
 
     def outputs(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -417,6 +420,7 @@ class LabHandlers:
                     spectra=spectra,
                     removed=removed,
                     layer=gr.update(choices=update.layers, value=update.layer) if update.layers else gr.skip(),
+                    account=teaching.step_account(update.results),
                 ).outputs()
         except MergingError as exc:
             # The status line keeps the message and every other output what the run (or an
@@ -456,6 +460,25 @@ class LabHandlers:
 
     def stopped(self, results: dict[str, Any] | None) -> str:
         return lab.stopped_status(results_from_state(results))
+
+    def classroom(self, key: Any) -> tuple[Any, ...]:
+        """A prepared experiment's setup: (preset, checkpoint list, methods, evaluate, order seed, what to
+        watch, then every method option: the experiment's values, the others at their defaults)."""
+        try:
+            chosen = teaching.experiment(key)
+            values = dict(zip(lab.option_fields(), OPTION_DEFAULTS, strict=True))
+            values.update(chosen.options)
+            return (
+                chosen.preset,
+                lab.preset_text(chosen.preset, DEFAULT_BACKBONE),
+                list(chosen.methods),
+                chosen.eval,
+                None,
+                f"**{chosen.title}.** {chosen.what_to_watch}",
+                *values.values(),
+            )
+        except MergingError as exc:
+            raise user_error(exc) from None
 
     # ---------------------------------------------------------------- comparing methods, the run history
 
@@ -705,6 +728,13 @@ def option_component(method: str, option) -> gr.components.Component:
     return gr.Number(value=option.default, label=label, info=info, precision=precision)
 
 
+def formula(text: str) -> gr.Markdown:
+    """A plot's formula, set in small type under it (inline $math$)."""
+    return gr.Markdown(
+        text, latex_delimiters=[{"left": "$", "right": "$", "display": False}], elem_classes="lab-formula"
+    )
+
+
 def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) -> gr.Blocks:
     """The page; ``hosted`` (default: :func:`merging.ui.hosting.hosted_mode`) restricts what visitors may read."""
     handlers = LabHandlers(hosted, workspaces)
@@ -737,6 +767,10 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 status = gr.Markdown("Pick a preset and methods, then Run.", elem_id="lab-status")
             with gr.Row():
                 with gr.Column(scale=1, min_width=320, elem_id="lab-setup"):
+                    with gr.Accordion("Classroom: prepared experiments", open=False):
+                        gr.Markdown("Each button sets the lab up for one question and runs it.")
+                        lessons = [gr.Button(e.title, size="sm") for e in teaching.EXPERIMENTS]
+                        lesson_note = gr.Markdown("")
                     backbone = gr.Dropdown(
                         backbone_choices(),
                         value=DEFAULT_BACKBONE,
@@ -795,10 +829,16 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                             value=DEFAULT_METHOD,
                             label="Method shown in the matrix, curves and internals",
                         )
+                    account = gr.Markdown("", elem_id="lab-account")  # the last step in plain words
                     with gr.Row():
-                        heatmap = gr.Plot(label="Accuracy matrix", elem_id="lab-plot-matrix")
-                        lines = gr.Plot(label="ACC and BWT", elem_id="lab-plot-acc-bwt")
+                        with gr.Column(min_width=300):
+                            heatmap = gr.Plot(label="Accuracy matrix", elem_id="lab-plot-matrix")
+                            formula(teaching.FORMULAS["matrix"])
+                        with gr.Column(min_width=300):
+                            lines = gr.Plot(label="ACC and BWT", elem_id="lab-plot-acc-bwt")
+                            formula(teaching.FORMULAS["acc_bwt"])
                     curves = gr.Plot(label="Per-task accuracy", elem_id="lab-plot-per-task")
+                    formula(teaching.FORMULAS["curves"])
                     table = gr.Dataframe(headers=plots.TABLE_HEADERS, label="Results", interactive=False)
                     with gr.Accordion("Compare methods", open=False):
                         with gr.Row():
@@ -852,9 +892,14 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                             elem_id="lab-layer",
                         )
                         with gr.Row():
-                            cosine = gr.Plot(label="Cosine similarity", elem_id="lab-plot-cosine")
-                            spectra = gr.Plot(label="Singular-value spectra", elem_id="lab-plot-spectra")
+                            with gr.Column(min_width=300):
+                                cosine = gr.Plot(label="Cosine similarity", elem_id="lab-plot-cosine")
+                                formula(teaching.FORMULAS["cosine"])
+                            with gr.Column(min_width=300):
+                                spectra = gr.Plot(label="Singular-value spectra", elem_id="lab-plot-spectra")
+                                formula(teaching.FORMULAS["spectra"])
                         removed = gr.Plot(label="Share removed per layer", elem_id="lab-plot-removed")
+                        formula(teaching.FORMULAS["removed"])
                         analyse_button = gr.Button("Exact analysis of every task vector (reads the checkpoints again)")
                     with gr.Accordion("Method internals (live, of the method shown)", open=False):
                         internals = gr.Plot(label="Method internals", elem_id="lab-plot-internals")
@@ -884,35 +929,52 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 "spectra": spectra,
                 "removed": removed,
                 "layer": layer,
+                "account": account,
             }
+            run_inputs = [
+                backbone,
+                preset,
+                checkpoints,
+                method_choice,
+                samples,
+                eval_mode,
+                device,
+                order_seed,
+                layout,
+                allow_duplicates,
+            ]
+            # named inputs, so that a script sees dop_lr, opcm_alpha … instead of param_10 …
+            run_kwargs = {**dict(zip(lab.option_parameters(), option_inputs, strict=True)), "spectrum_layer": layer}
+            lesson_runs: list[Any] = []
             event = run.click(
                 on_gpu(handlers.run_lab),
                 api_name="run",
-                inputs=[
-                    backbone,
-                    preset,
-                    checkpoints,
-                    method_choice,
-                    samples,
-                    eval_mode,
-                    device,
-                    order_seed,
-                    layout,
-                    allow_duplicates,
-                ],
-                # named inputs, so that a script sees dop_lr, opcm_alpha … instead of param_10 …
-                inputs_kwargs={
-                    **dict(zip(lab.option_parameters(), option_inputs, strict=True)),
-                    "spectrum_layer": layer,
-                },
+                inputs=run_inputs,
+                inputs_kwargs=run_kwargs,
                 outputs=[view[f.name] for f in fields(RunView)],
                 show_progress_on=[progress_anchor],
                 **compute,
             )
-            stop_event = stop.click(handlers.stopped, [results_state], [status], cancels=[event], api_name="stop")
+            lesson_outputs = [preset, checkpoints, method_choice, eval_mode, order_seed, lesson_note, *option_inputs]
+            for button, prepared in zip(lessons, teaching.EXPERIMENTS, strict=True):
+                lesson = button.click(
+                    lambda key=prepared.key: handlers.classroom(key), None, lesson_outputs, api_visibility="private"
+                ).then(
+                    on_gpu(handlers.run_lab),
+                    inputs=run_inputs,
+                    inputs_kwargs=run_kwargs,
+                    outputs=[view[f.name] for f in fields(RunView)],
+                    show_progress_on=[progress_anchor],
+                    api_visibility="private",
+                    **compute,
+                )
+                lesson_runs.append(lesson)
+            stop_event = stop.click(
+                handlers.stopped, [results_state], [status], cancels=[event, *lesson_runs], api_name="stop"
+            )
             # every run that ends (finished, failed part-way, stopped) joins the session's history
             recorded = [runs_state, runs_table, runs_choice, runs_plot]
-            for ended in (event, stop_event):
+            for ended in (event, *lesson_runs, stop_event):
                 ended.then(handlers.record_run, [results_state, runs_state], recorded, api_visibility="private")
             runs_choice.input(handlers.overlay, [runs_state, runs_choice], runs_plot, api_visibility="private")
             runs_zip_button.click(handlers.download_runs, [runs_state], runs_zip, api_visibility="private")

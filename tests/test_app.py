@@ -126,7 +126,9 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     updates = list(run_lab(*lab_inputs(("opcm", "task_arithmetic"))))
     # two updates before the first step (checkpoints found; reference rows ready), then one per step
     assert len(updates) == 2 + 8 and [u[0].startswith("Step ") for u in updates] == [False] * 2 + [True] * 8
-    status, heatmap, lines, curves, table, files, results, _, internals, cosine, spectra, removed, _ = updates[-1]
+    status, heatmap, lines, curves, table, files, results, _, internals, cosine, spectra, removed, _, account = updates[
+        -1
+    ]
     assert [f.name for f in fields(RunView)][6:] == [
         "results",
         "shown",
@@ -135,7 +137,12 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
         "spectra",
         "removed",
         "layer",
+        "account",
     ]
+    # the last step in plain words, from its numbers: what entered, what OPCM did, what the others lost
+    assert account.startswith(f"**Step 8: {results['tasks'][-1]} entered.**") and "projected away" in account
+    assert f"λ = {results['methods']['opcm']['steps'][-1]['diagnostics']['lambda']:.2f}" in account
+    assert "**task_arithmetic** merged it" in account and "BWT so far" in account
     # the internals of the method shown (the first), under the label that method declares
     assert internals["value"] is not None and internals["label"] == METHODS["opcm"].figure_title
     assert status.startswith("Step 8/8") and "Done in" in status
@@ -171,7 +178,7 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     assert table["method"].tolist() == ["pretrained", "finetuned", "opcm", "task_arithmetic"]
     assert table.loc[2, "ACC (%)"] == pytest.approx(100 * results["methods"]["opcm"]["acc"], abs=0.01)
     display = gr.Dataframe().postprocess(shown).model_dump()["metadata"]["display_value"]
-    assert display[2][1] == f"{table.loc[2, 'ACC (%)']:.2f}" and display[2][2].startswith(("+", "-"))
+    assert display[2][1] == f"{table.loc[2, 'ACC (%)']:.1f}" and display[2][2].startswith(("+", "-"))
     assert display[0][2:] == ["", "", ""]  # reference rows have no BWT or times
     direct = (
         ContinualRun(

@@ -552,9 +552,10 @@ def results_table(results: RunResults) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
-# Every number of a column printed with the same decimals (78.30 beside 78.45, a BWT of −2.00, not
-# 78.3 and -2), BWT signed; the table keeps the numbers themselves, so it still sorts numerically.
-TABLE_FORMATS = {"ACC (%)": "{:.2f}", "BWT (%)": "{:+.2f}", "merge s/step": "{:.3f}", "eval s/step": "{:.3f}"}
+# Every number of a column printed with the same decimals (78.3 beside 78.5, a BWT of −2.0, not
+# 78.3, 78.45 and -2): percentages with one decimal everywhere in the lab, BWT signed; the table
+# keeps the numbers themselves, so it still sorts numerically.
+TABLE_FORMATS = {"ACC (%)": "{:.1f}", "BWT (%)": "{:+.1f}", "merge s/step": "{:.3f}", "eval s/step": "{:.3f}"}
 
 
 def styled_table(table: pd.DataFrame) -> Any:
