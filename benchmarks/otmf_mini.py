@@ -54,13 +54,19 @@ def optimisation_seconds(results: dict) -> float:
 
 
 def per_parameter_run(config: RunConfig, evaluator: Evaluator, cache: Path) -> tuple[float, dict]:
-    """The same run with OTMF's per-parameter formulation registered as ``otmf`` while it runs."""
-    flat = METHODS["otmf"]
-    METHODS["otmf"] = PerParameterOTMF
+    """The same run with the runner building OTMF's per-parameter formulation for ``otmf``."""
+    import merging.experiment.runner as runner
+
+    flat = runner.create_merger
+
+    def create(name: str, options=None):
+        return PerParameterOTMF(**dict(options or {})) if name == "otmf" else flat(name, options)
+
+    runner.create_merger = create
     try:
         return run(config, evaluator, cache)
     finally:
-        METHODS["otmf"] = flat
+        runner.create_merger = flat
 
 
 def tensor_peaks(config: RunConfig, evaluator: Evaluator, cache: Path) -> list[int]:
