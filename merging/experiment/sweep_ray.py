@@ -129,10 +129,15 @@ def run_ray(
             "logging_level": "WARNING",
             "log_to_driver": True,
         }
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=(workers or usable_cores()) * cpus_per_trial, **options)
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=(workers or usable_cores()) * cpus_per_trial, **options)
+        except Exception as exc:  # Ray's own messages run to many lines: its first says what went wrong
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise MergingError(f"cannot start or reach {where}: {first}") from None
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
