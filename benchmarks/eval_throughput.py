@@ -6,8 +6,9 @@ Evaluation: open_clip's ViT-B-32 (QuickGELU, random init) on a parquet split of 
 (random 320 × 240 pictures, so decoding and resizing do real work), three ways in one run:
 cold (decode + preprocess + network; the named baseline), warm from the disk cache (a new
 process's second run) and warm in memory (the same process's next step). The decode stage
-alone: the project's :func:`decode_images` on one thread and on torch's thread count, against
-plain PIL on one thread (decode, bicubic resize of the short side, centre crop). Loading: a
+alone: the project's :func:`decode_images` on one thread and on torch's thread count, and the
+path it replaced (a tensor per image, stacked at the end), against plain PIL on one thread
+(decode, bicubic resize of the short side, centre crop). Loading: a
 ViT-B/32 CLIPVisionModel checkpoint in safetensors read through ``open_encoder(...).load()``
 (memory-mapped, converted to canonical keys) against a plain ``safetensors.torch.load_file``
 of the same file, with the host's peak resident memory increase over the file's size.
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import VIT_B_32, random_vit
 from merging.compute.devices import peak_memory_bytes, reset_peak_memory, resident_bytes, resolve_device
 from merging.evaluation.backbones import Backbone, Preprocess
-from merging.evaluation.datasets import decode_images
+from merging.evaluation.datasets import decode_images, preprocess_image
 from merging.evaluation.evaluator import Evaluator
 from merging.evaluation.tasks import DatasetRef, Task
 from merging.families.clip_vit.saving import save_encoder
@@ -114,6 +115,12 @@ def decode_stage(count: int) -> None:
     spec = Preprocess(224)
     threads = torch.get_num_threads()
     rows = [("plain PIL, one thread (baseline)", lambda: plain_pil(encoded, spec.image_size))]
+    rows.append(
+        (
+            "per-image tensors + stack (before)",
+            lambda: torch.stack([preprocess_image(Image.open(io.BytesIO(data)), spec) for data in encoded]),
+        )
+    )
     for n in (1, threads):
         rows.append((f"decode_images, {n} thread{'s' * (n > 1)}", lambda n=n: decode_images(encoded, spec, n)))
     timings = []
