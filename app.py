@@ -1046,6 +1046,10 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
             merge_push.click(
                 handlers.push_merge, [merge_state, merge_repo, merge_token], merge_push_status, api_visibility="private"
             )
+        with gr.Tab("Sweep"):  # issue 15: its components and handlers live in merging/ui/sweep_page.py
+            from merging.ui.sweep_page import build_sweep_tab
+
+            build_sweep_tab(demo, handlers.workspaces, handlers.hosted, compute)
         demo.unload(handlers.end_session)
     demo.handlers = handlers  # type: ignore[attr-defined]  (tests and scripts reach the session folders)
     return demo
