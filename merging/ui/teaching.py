@@ -128,8 +128,9 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         what_to_watch=(
             "Task arithmetic adds every task vector at full size (λ = 1), weight averaging shrinks the t-th "
             "to 1/t of it, and OPCM rescales the merged task vector to the mean task-vector norm. Watch ACC "
-            "in the ACC/BWT plot: summed task vectors grow with t and push the model away from all tasks; "
-            "compare the methods' matrices under Compare methods."
+            "in the ACC/BWT plot: summed task vectors grow with t and push the model away from every task (on "
+            "mini-8 with 500 images per task, task arithmetic at λ = 1 ends at ACC 37.3, below the pretrained "
+            "model's 61.3; weight averaging 72.3, OPCM 77.4); compare the matrices under Compare methods."
         ),
     ),
     Experiment(
