@@ -36,16 +36,6 @@ TABLE_CSV = "table.csv"
 TRIALS = "trials"
 # Published numbers of real CLIP beside a preset: the standard presets on an OpenAI backbone, and
 # the mini presets beside the real ViT-B/32 benchmark they mirror (as assets/mini/README.md does).
-PUBLISHED_BACKBONES = {
-    "ViT-B-32": "ViT-B/32",
-    "openai/clip-vit-base-patch32": "ViT-B/32",
-    "ViT-B-16": "ViT-B/16",
-    "openai/clip-vit-base-patch16": "ViT-B/16",
-    "ViT-L-14": "ViT-L/14",
-    "openai/clip-vit-large-patch14": "ViT-L/14",
-}
-PRESET_TASKS = {"TA8": "8", "TALL14": "14", "TALL20": "20"}
-MINI_MIRRORS = {"mini-8": ("ViT-B/32", "8"), "mini-12": ("ViT-B/32", "14")}
 _SEED_PART = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -262,27 +252,16 @@ def published(config: Mapping[str, Any]) -> tuple[str, dict[str, dict[str, float
     Standard presets on an OpenAI backbone get that backbone's numbers; the mini presets
     the real ViT-B/32 benchmark they mirror. Empty when the preset has none.
     """
-    from merging.evaluation.tasks import ASSETS
+    from merging.evaluation.published import MINI_MIRRORS, config_setting, published_numbers
     from merging.methods import METHODS
 
-    preset, backbone = str(config.get("preset")), str(config.get("backbone"))
-    if preset in MINI_MIRRORS:
-        real, size = MINI_MIRRORS[preset]
-        label = f"real CLIP {real}, {size} tasks"
-    elif preset in PRESET_TASKS and backbone in PUBLISHED_BACKBONES:
-        real, size = PUBLISHED_BACKBONES[backbone], PRESET_TASKS[preset]
-        label = f"CLIP {real}, {size} tasks"
-    else:
+    setting = config_setting(config, mirrors=True)
+    if setting is None:
         return "", {}
-    path = ASSETS / "reference" / "reference_results.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    numbers: dict[str, dict[str, float]] = {}
-    for name in ("pretrained", "finetuned", *METHODS):
-        key = METHODS[name].published_name if name in METHODS else name
-        for metric in ("ACC", "BWT"):
-            value = data.get(metric, {}).get(real, {}).get(size, {}).get(key) if key else None
-            if value is not None:
-                numbers.setdefault(name, {})[metric] = float(value)
+    real, size = setting
+    mirrored = str(config.get("preset")) in MINI_MIRRORS
+    label = f"real CLIP {real}, {size} tasks" if mirrored else f"CLIP {real}, {size} tasks"
+    numbers = published_numbers(setting, ("pretrained", "finetuned", *METHODS))
     return (label if numbers else ""), numbers
 
 

@@ -7,16 +7,14 @@ prints accuracies in percent. Nothing here reads files or holds models.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from merging.evaluation.tasks import ASSETS
+from merging.evaluation.published import config_setting, published_numbers
 from merging.experiment.results import RunResults
 
 UIREVISION = "continual-merging-lab"
@@ -55,15 +53,6 @@ METHOD_COLOURS = ("#332288", "#CC6677", "#117733", "#DDCC77", "#88CCEE", "#88225
 # Beside colour, a second cue for lines (colour-blind readers, grey print): a marker per task.
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "triangle-down", "cross", "star", "pentagon", "hexagon")
 TITLE_CHARS = 44  # a longer title wraps onto a second line (a 330 px phone-wide plot fits this many at 12 px)
-PUBLISHED_BACKBONES = {
-    "ViT-B-32": "ViT-B/32",
-    "openai/clip-vit-base-patch32": "ViT-B/32",
-    "ViT-B-16": "ViT-B/16",
-    "openai/clip-vit-base-patch16": "ViT-B/16",
-    "ViT-L-14": "ViT-L/14",
-    "openai/clip-vit-large-patch14": "ViT-L/14",
-}
-PRESET_SIZES = {"TA8": "8", "TALL14": "14", "TALL20": "20"}
 TABLE_HEADERS = ["method", "ACC (%)", "BWT (%)", "merge s/step", "eval s/step"]
 
 
@@ -205,32 +194,14 @@ def _accuracy_trace(
     )
 
 
-@lru_cache(maxsize=1)
-def published_results() -> dict[str, Any]:
-    path = ASSETS / "reference" / "reference_results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def published_markers(config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Published final ACC/BWT per method for a standard preset on an OpenAI backbone, else {}.
 
     Each method says under which name the papers report it (``published_name``)."""
     from merging.methods import METHODS
 
-    backbone = PUBLISHED_BACKBONES.get(str(config.get("backbone")))
-    size = PRESET_SIZES.get(str(config.get("preset")))
-    if backbone is None or size is None:
-        return {}
-    data = published_results()
-    markers: dict[str, dict[str, float]] = {}
-    for ours, cls in METHODS.items():
-        if cls.published_name is None:
-            continue
-        for metric in ("ACC", "BWT"):
-            value = data.get(metric, {}).get(backbone, {}).get(size, {}).get(cls.published_name)
-            if value is not None:
-                markers.setdefault(ours, {})[metric] = float(value)
-    return markers
+    setting = config_setting(config)
+    return {} if setting is None else published_numbers(setting, METHODS)
 
 
 def _reference_curve(results: RunResults, row: str, steps: int) -> list[float]:
