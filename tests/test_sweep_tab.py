@@ -260,3 +260,21 @@ def test_the_page_has_the_sweep_tab_and_its_endpoints():
     ]
     tabs = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
     assert tabs[-1] == "Sweep"
+
+
+def test_a_script_runs_a_sweep_through_the_served_page(served_app):
+    """/sweep over HTTP: the same checks, the streamed trials, the downloads (fetched by the client)."""
+    from gradio_client import Client
+
+    client = Client(served_app, verbose=False)
+    job = client.submit(*inputs(grid="", order_seeds="42,43"), api_name="/sweep")
+    final = job.result()
+    statuses = [output[0] for output in job.outputs()]
+    assert "**1 of 2 trials**" in "".join(statuses) and final[0].startswith("**Done:** 2 trials")
+    files = {Path(f).name: Path(f) for f in final[5]}
+    assert set(files) == {"summary.json", "table.md", "table.csv", "sweep.zip"}
+    runs = json.loads(files["summary.json"].read_text())["methods"]["weight_average"]["runs"]
+    assert [r["order_seed"] for r in runs] == [42, 43] and all(r["acc"] is not None for r in runs)
+    assert client.predict(api_name="/sweep_stop") == "No sweep is running in this session."
+    with pytest.raises(Exception, match="unknown option 'nope' for opcm"):
+        client.predict(*inputs(grid="opcm.nope=1"), api_name="/sweep")
