@@ -106,7 +106,9 @@ def sensitivity_figure(summary: Mapping[str, Any]) -> go.Figure | None:
         return None
     methods = list(lines)
     titles = [f"{m}: {label} vs {axes[m][0]}" for m in methods for label in ("ACC (%)", "BWT (%)")]
-    figure = make_subplots(rows=len(methods), cols=2, subplot_titles=titles, vertical_spacing=0.18 / len(methods))
+    # room between rows for an x-axis title and the next row's subplot titles: about 110 px of 300 per row
+    gap = 110 / (300 * len(methods)) if len(methods) > 1 else 0.0
+    figure = make_subplots(rows=len(methods), cols=2, subplot_titles=titles, vertical_spacing=gap)
     for index, method in enumerate(methods, 1):
         key = axes[method][0]
         numeric = _numeric([x for points in lines[method].values() for x, _ in points])
