@@ -168,7 +168,7 @@ def build_sweep_tab(demo: gr.Blocks, workspaces: Workspaces, hosted: bool, compu
         + (f" At most {limit} trials per sweep here." if hosted else "")
     )
     with gr.Row(equal_height=True):
-        run = gr.Button("Run sweep", variant="primary", scale=0, min_width=120, elem_id="sweep-run")
+        run = gr.Button("Run sweep", variant="primary", scale=0, min_width=150, elem_id="sweep-run")
         stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="sweep-stop")
         status = gr.Markdown(IDLE, elem_id="sweep-status")
     with gr.Row():
@@ -217,7 +217,10 @@ def build_sweep_tab(demo: gr.Blocks, workspaces: Workspaces, hosted: bool, compu
             boxes = gr.Plot(label="ACC and BWT over the orders", elem_id="sweep-plot-boxes")
             sensitivity = gr.Plot(label="Sensitivity (mean ± std)", elem_id="sweep-plot-sensitivity")
             table = gr.Dataframe(
-                headers=sweep_plots.TABLE_HEADERS, label="Mean ± std beside the published numbers", interactive=False
+                headers=sweep_plots.TABLE_HEADERS,
+                label="Mean ± std beside the published numbers",
+                interactive=False,
+                wrap=True,
             )
             files = gr.File(
                 label="Downloads: summary.json, table.md, table.csv, sweep.zip (every trial)",
