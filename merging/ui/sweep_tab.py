@@ -424,7 +424,8 @@ def stream(
         state["done"] += 1
         state["failed"] += outcome.results is None
         record.record(outcome)
-        outcomes.put(record.progress(outcome, state["done"], total))
+        # the counts travel with the line: the next trial may finish before this update is shown
+        outcomes.put((state["done"], state["failed"], record.progress(outcome, state["done"], total)))
         if planned.backend == "ray" and stop.is_set():
             raise _StopRay
 
@@ -452,8 +453,8 @@ def stream(
             if isinstance(item, BaseException):
                 error = item
                 continue
-            log.append(item)
-            done, failed = state["done"], state["failed"]
+            done, failed, line = item
+            log.append(line)
             elapsed = time.perf_counter() - started
             left = elapsed / max(1, done) * (total - done)
             status = (
@@ -461,7 +462,7 @@ def stream(
                 + (f" ({failed} failed)" if failed else "")
                 + f" · {elapsed:.0f} s · about {left:.0f} s left"
                 + (" · stopping…" if stop.is_set() else "")
-                + f"\n\n{item}"
+                + f"\n\n{line}"
             )
             yield update(status, done, failed, _downloads(folder))
     finally:
