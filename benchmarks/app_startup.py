@@ -43,16 +43,16 @@ def wait_ready(url: str, process: subprocess.Popen, limit: float = 120.0) -> flo
 
 
 def first_updates(url: str) -> tuple[float, float, float]:
+    """Seconds from submitting the default run to its first update, its first step and its end.
+
+    The run is the page's default (mini-8, OPCM, 500 test images), submitted through the named
+    API as the README shows; a run that fails raises here instead of timing an error.
+    """
     from gradio_client import Client
 
-    from merging.methods import METHODS
-    from merging.ui import lab
-
-    defaults = [o.default for cls in METHODS.values() for o in cls.options]
-    args = ["mini", "mini-8", lab.preset_text("mini-8", "mini"), ["opcm"], 500, "seen", "auto", None, "hf", *defaults]
     client = Client(url, verbose=False)
     started = time.perf_counter()
-    job = client.submit(*args, api_name="/run")
+    job = client.submit(methods=["opcm"], samples=500, api_name="/run")
     first = step = None
     while not job.done():
         count = len(job.outputs())
@@ -63,6 +63,9 @@ def first_updates(url: str) -> tuple[float, float, float]:
             step = now
         time.sleep(0.02)
     total = time.perf_counter() - started
+    status = job.result()[0]  # raises if the run failed
+    if "8/8" not in status and "Done" not in status and "done" not in status:
+        raise SystemExit(f"the default run did not finish: {status}")
     return first or total, step or total, total
 
 

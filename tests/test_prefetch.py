@@ -119,3 +119,13 @@ def test_a_broken_checkpoint_read_ahead_fails_as_it_would_in_order(tmp_path):
             list(run.steps())
         messages.append(str(failure.value))
     assert messages[0] == messages[1] and f"checkpoint {broken} has NaN or Inf values" in messages[0]
+
+
+def test_by_default_a_run_works_ahead_only_where_it_pays(monkeypatch, tmp_path):
+    run = ContinualRun(_config(preset_checkpoints("mini-8")[:2]), cache_dir=tmp_path)
+    monkeypatch.setenv("MERGING_THREADS", "2")  # two cores, no GPU: the background would only compete
+    assert run.device.type == "cpu" and not run._works_ahead()
+    monkeypatch.setenv("MERGING_THREADS", "8")
+    assert run._works_ahead()
+    run.prefetch = False  # asked for explicitly: as asked
+    assert not run._works_ahead()

@@ -16,7 +16,8 @@ the culprit as it always did.
 
 Bounded by construction: one thread per run, and callers schedule at most one step ahead.
 Disabled (``enabled=False``), everything runs in the foreground, in order: the baseline of
-``benchmarks/real_scale.py``.
+``benchmarks/real_scale.py``, and a run's default on a CPU with fewer than four cores, where
+the background thread only competes with the run's own (``ContinualRun._works_ahead``).
 """
 
 from __future__ import annotations
