@@ -32,7 +32,7 @@ from merging.evaluation.datasets import cache_root
 from merging.evaluation.evaluator import DEFAULT_SAMPLES, Evaluator
 from merging.evaluation.image_set import ImageSet
 from merging.evaluation.tasks import Task, TaskRegistry, registry
-from merging.experiment.driver import Experiment, StateModel
+from merging.experiment.driver import Experiment, StateModel, TimedStep
 from merging.experiment.prefetch import Prefetcher
 from merging.experiment.results import MethodResults, RunResults, StepRecord
 from merging.io.checkpoints import EncoderReader
@@ -426,14 +426,12 @@ class ContinualRun:
         self.references  # noqa: B018 (computed first, so the first step shows the reference lines)
         context = self._merge_context() if any(m.requires_data for m in self.mergers.values()) else None
         self.experiment.start(self.mergers, self.device, context)
-        names = list(self.mergers)
-        methods: dict[str, StepRecord] = {}
         merges = self.experiment.merge_steps(
             self.mergers, self.device, [t.name for t in self.tasks], measure_memory=True, before_merge=apply_share
         )
         prefetcher = Prefetcher(self._works_ahead())
         try:
-            yield from self._record_steps(merges, names, methods, prefetcher)
+            yield from self._record_steps(merges, prefetcher)
         finally:
             prefetcher.close()
 
@@ -460,7 +458,10 @@ class ContinualRun:
             if name is not None:
                 prefetcher.warm(("images", task.name, name), lambda name=name: self.evaluator.task_images(task, name))
 
-    def _record_steps(self, merges, names: list[str], methods: dict[str, StepRecord], prefetcher: Prefetcher):
+    def _record_steps(self, merges: Iterator[TimedStep], prefetcher: Prefetcher) -> Iterator[StepReport]:
+        """Evaluate and record each merge as it comes; yield a report once every method has merged a checkpoint."""
+        names = list(self.mergers)
+        methods: dict[str, StepRecord] = {}
         self._work_ahead(prefetcher, -1)
         for timed in merges:
             if timed.method == names[0]:
