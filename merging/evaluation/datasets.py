@@ -31,8 +31,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-from torchvision.transforms.functional import pil_to_tensor
 
 from merging.errors import MergingError
 from merging.evaluation.backbones import Preprocess
@@ -78,10 +76,14 @@ def sample_indices(total: int, limit: int | None) -> np.ndarray:
 
 def preprocess_image(image: Image.Image, spec: Preprocess) -> Tensor:
     """Resize and centre-crop as CLIP does; uint8 3 × H × W (normalisation comes later)."""
+    from torchvision.transforms.functional import pil_to_tensor  # torchvision on first use (~1 s of imports)
+
     return pil_to_tensor(_preprocessed_pil(image, spec))
 
 
 def _preprocessed_pil(image: Image.Image, spec: Preprocess) -> Image.Image:
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
     interpolation = InterpolationMode(spec.interpolation)
     if spec.resize_mode != "shortest":
         raise MergingError(f"unsupported resize mode {spec.resize_mode!r} (only 'shortest')")
@@ -152,6 +154,7 @@ def decode_images_on(encoded: list[bytes], spec: Preprocess, device: torch.devic
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec; they still work
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as tensor_ops
 
     device = torch.device(device)
