@@ -2,21 +2,22 @@
 
 Every flag of ``run`` that says what to run is accepted here and means the same; the sweep
 adds the orders (``--order-seeds``), option grids (``--grid``), where trials run
-(``--backend``, ``--ray-address``, ``--workers``) and a folder for everything (``--out``).
-Everything is checked before the first trial, like ``run``: bad input is one line and exit
-status 2.
+(``--backend``, ``--ray-address``, ``--workers``, ``--gpu-memory-budget``) and a folder for
+everything (``--out``). Everything is checked before the first trial, like ``run``: bad input
+is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from merging.cli.run import add_experiment_flags, add_tracker_flag, config_from_args
 from merging.errors import MergingError
+from merging.experiment.gpu_budget import DEFAULT_FRACTION, Budget, parse_budget
 from merging.experiment.runner import CheckpointSpec, RunConfig
 from merging.experiment.sweep import (
     PAPERS_ORDER_SEEDS,
@@ -85,8 +86,16 @@ def add_sweep_parser(commands: Any) -> None:
         "--workers",
         type=positive_int,
         default=None,
-        help="trials at once (default: local, the usable CPU cores, or 1 per GPU; ray, as many as the "
-        "cluster's resources allow)",
+        help="trials at once (default: local, the usable CPU cores, or on GPUs as many as fit in "
+        "--gpu-memory-budget, one per core at most; ray, as many as the cluster's resources allow)",
+    )
+    sweep.add_argument(
+        "--gpu-memory-budget",
+        metavar="BUDGET",
+        default=None,
+        help="GPU memory the trials on one GPU may use together: a fraction of its free memory at the start "
+        f"(default {DEFAULT_FRACTION:g}; also 90%%) or an amount (40GiB); trials share a GPU while their "
+        "estimated peaks fit in it",
     )
     sweep.add_argument(
         "--out",
@@ -110,6 +119,7 @@ class PreparedSweep:
     workers: int | None
     ray_address: str | None
     tracker: str | None = None
+    gpu_budget: Budget = field(default_factory=Budget)
 
 
 def sweep_config(
@@ -135,6 +145,7 @@ def sweep_config(
         "backend": args.backend,
         "workers": args.workers,
         "ray_address": args.ray_address,
+        "gpu_memory_budget": getattr(args, "gpu_memory_budget", None),
     }
 
 
@@ -144,6 +155,9 @@ def prepare_sweep(args: argparse.Namespace) -> PreparedSweep:
     grid = parse_grid(args.grid)
     if args.ray_address and args.backend != "ray":
         raise MergingError("--ray-address needs --backend ray")
+    gpu_budget = parse_budget(args.gpu_memory_budget)
+    if args.gpu_memory_budget is not None and args.device == "cpu":
+        raise MergingError("--gpu-memory-budget is for trials on GPUs, and --device cpu runs them on the CPU")
     if args.backend == "ray":
         from merging.experiment.sweep_ray import import_ray
 
@@ -167,7 +181,9 @@ def prepare_sweep(args: argparse.Namespace) -> PreparedSweep:
     outputs += list(dict.fromkeys(t.results_path(out) for t in trials))
     check_outputs(outputs, [c.source for c in checkpoints])
     config = sweep_config(template, checkpoints, seeds, base, grid, args)
-    return PreparedSweep(out, rows, trials, config, args.backend, args.workers, args.ray_address, args.tracker)
+    return PreparedSweep(
+        out, rows, trials, config, args.backend, args.workers, args.ray_address, args.tracker, gpu_budget
+    )
 
 
 def run_sweep(prepared: PreparedSweep) -> int:
@@ -209,11 +225,20 @@ def run_sweep(prepared: PreparedSweep) -> int:
         if prepared.backend == "ray":
             from merging.experiment.sweep_ray import run_ray
 
-            run_ray(pending, shared, prepared.workers, on_done, prepared.ray_address, first.device)
+            run_ray(
+                pending,
+                shared,
+                prepared.workers,
+                on_done,
+                prepared.ray_address,
+                first.device,
+                gpu_budget=prepared.gpu_budget,
+            )
         else:
             from merging.experiment.sweep_runner import run_local
 
-            run_local(pending, shared, default_workers(prepared.workers, first.device), on_done, first.device)
+            workers = default_workers(prepared.workers, first.device)
+            run_local(pending, shared, workers, on_done, first.device, gpu_budget=prepared.gpu_budget)
     except KeyboardInterrupt:
         written = record.write()
         if tracker is not None:
@@ -258,17 +283,20 @@ def log_trial(tracker, prepared: PreparedSweep, outcome) -> None:
         print(f"warning: --tracker {prepared.tracker} could not log {trial.name}: {reason}", file=sys.stderr)
 
 
-def default_workers(workers: int | None, device: str) -> int:
-    """The local pool's size: as asked, else one trial per usable core on the CPU, or one per GPU."""
+def default_workers(workers: int | None, device: str) -> int | None:
+    """The local pool's size: as asked, else one trial per usable core on the CPU.
+
+    On CUDA None: the pool sizes itself to the trials that fit in the GPUs' memory budget
+    (:func:`merging.experiment.gpu_budget.default_gpu_workers`), which it knows once it has
+    estimated them.
+    """
     if workers is not None:
         return workers
     from merging.compute.devices import resolve_device
     from merging.compute.threads import usable_cores
 
     if resolve_device(device).type == "cuda":
-        import torch
-
-        return max(1, torch.cuda.device_count())  # the pool spreads its threads over the GPUs, one each
+        return None
     return usable_cores()
 
 

@@ -6,13 +6,17 @@ absence into one line saying how to install it. The shared inputs of
 images and the zero-shot heads as numpy arrays (workers on a node map them read-only from
 the node's shared memory, without a copy), the pretrained backbone as one pickled object,
 and the reference rows. Each worker process unpacks them the first time a trial needs them
-and keeps them for the next trials it runs.
+and keeps them for the next trials it runs (CPU trials; a GPU trial's worker runs only it).
 
-A trial asks for one GPU when it runs on CUDA, else for ``cpus_per_trial`` CPUs, and its
-thread budget is set to that (``MERGING_THREADS``), so Ray's packing is what bounds the work
-on each node. The trial runs exactly as in the local pool (:func:`sweep_runner.run_trial`)
-and sends its results back as results.json's content, which the driver writes: workers
-need the checkpoints (the same paths, or Hub ids), not the sweep's folder.
+A trial asks for ``cpus_per_trial`` CPUs, and its thread budget is set to that
+(``MERGING_THREADS``), so Ray's packing is what bounds the work on each node. On CUDA it also
+asks for ``1/k`` of a GPU, where k trials of its kind fit in the GPU memory budget
+(:mod:`merging.experiment.gpu_budget`, its estimate counting the worker's own CUDA context), so
+Ray puts at most k such trials on one GPU; a GPU trial runs in a worker process of its own
+(Ray's default for GPU tasks), which gives its memory back when it ends. The trial runs
+exactly as in the local pool (:func:`sweep_runner.run_trial`) and sends its results back as
+results.json's content, which the driver writes: workers need the checkpoints (the same
+paths, or Hub ids), not the sweep's folder.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ import torch
 
 from merging.errors import MergingError
 from merging.evaluation.image_set import ImageSet
+from merging.experiment.gpu_budget import (
+    Budget,
+    check_fit,
+    estimate_trials,
+    gpu_budgets,
+    ray_gpu_fraction,
+)
 from merging.experiment.results import RunResults
 from merging.experiment.sweep import Trial
 from merging.experiment.sweep_runner import Outcome, SharedInputs, one_line, run_trial, trial_evaluator
@@ -103,6 +114,31 @@ def worker_environment(cpus_per_trial: int) -> dict[str, str]:
     return env
 
 
+def _free_gpu_memory() -> int:
+    """Runs in a Ray worker holding one GPU: the bytes free on it."""
+    return int(torch.cuda.mem_get_info()[0])
+
+
+def ray_gpu_budget(ray: Any, budget: Budget) -> int:
+    """The budget per GPU of the cluster, in bytes: an amount as given; a fraction of the free memory
+    of this machine's GPUs (the smallest) when it has some, else of one GPU of the cluster, probed."""
+    if budget.amount is not None:
+        return budget.amount
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        torch.cuda.empty_cache()  # the workers are other processes: what this one caches is not theirs
+        return min(gpu_budgets(budget))
+    probe = ray.remote(num_cpus=0, num_gpus=1, max_retries=0)(_free_gpu_memory)
+    return budget.of(int(ray.get(probe.remote())))
+
+
+def gpu_fractions(trials: Sequence[Trial], shared: SharedInputs, budget: Budget, budget_bytes: int) -> dict[str, float]:
+    """Per trial (by name), the share of a GPU it asks Ray for; a one-line error for a trial that does not fit."""
+    estimates = estimate_trials(trials, shared, own_process=True)
+    for estimate in estimates.values():
+        check_fit(estimate, [budget_bytes], budget)
+    return {name: ray_gpu_fraction(e.total, budget_bytes) for name, e in estimates.items()}
+
+
 def run_ray(
     trials: Sequence[Trial],
     shared: SharedInputs,
@@ -111,12 +147,15 @@ def run_ray(
     address: str | None = None,
     device: str = "auto",
     cpus_per_trial: int = 1,
+    gpu_budget: Budget | None = None,
 ) -> None:
     """Run ``trials`` as Ray tasks, calling ``on_done`` here as each ends; at most ``workers`` at once if given.
 
     Without ``address`` a local Ray instance is started (with ``workers`` CPUs, default the
-    usable cores) and shut down at the end; with one, the running cluster is joined. Ctrl-C
-    cancels the tasks in flight; the trials already passed to ``on_done`` stay recorded.
+    usable cores) and shut down at the end; with one, the running cluster is joined. On GPUs
+    each trial asks for the share of a GPU that ``gpu_budget`` (default 0.9 of the free memory)
+    leaves it (:func:`gpu_fractions`). Ctrl-C cancels the tasks in flight; the trials already
+    passed to ``on_done`` stay recorded.
     """
     ray = import_ray()
     from merging.compute.threads import usable_cores
@@ -143,7 +182,16 @@ def run_ray(
         on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
         if device == "cuda" and gpus == 0 and not address:  # a cluster may still add GPU nodes; this one never will
             raise MergingError("device cuda was asked for, but this machine has no GPU that Ray can use")
-        remote = ray.remote(_remote_trial).options(num_cpus=cpus_per_trial, num_gpus=1 if on_gpu else 0, max_retries=0)
+        remote = ray.remote(_remote_trial).options(num_cpus=cpus_per_trial, num_gpus=0, max_retries=0)
+        fractions: dict[str, float] = {}
+        gpu_remotes: dict[float, Any] = {}
+        if on_gpu:
+            budget = gpu_budget or Budget()
+            fractions = gpu_fractions(trials, shared, budget, ray_gpu_budget(ray, budget))
+            for fraction in set(fractions.values()):  # declared with its GPUs: one trial per worker process
+                gpu_remotes[fraction] = ray.remote(num_cpus=cpus_per_trial, num_gpus=fraction, max_retries=0)(
+                    _remote_trial
+                )
         refs = [ray.put(pack(shared))]  # once per sweep; workers on every node read it from there
         limit = workers or len(trials)
         pending = list(trials)
@@ -152,7 +200,8 @@ def run_ray(
             while pending or running:
                 while pending and len(running) < limit:
                     trial = pending.pop(0)
-                    running[remote.remote(refs, trial, device)] = trial
+                    task = gpu_remotes[fractions[trial.name]] if on_gpu else remote
+                    running[task.remote(refs, trial, device)] = trial
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
                     trial = running.pop(ref)

@@ -16,7 +16,6 @@ releases the interpreter lock in its kernels, the runs share the process's threa
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +32,7 @@ from merging.evaluation.backbones import Backbone, Preprocess
 from merging.evaluation.evaluator import Evaluator
 from merging.evaluation.image_set import ImageSet
 from merging.evaluation.tasks import Task
+from merging.experiment.gpu_budget import Budget, Estimate, GpuSlots, default_gpu_workers, plan_gpu_slots
 from merging.experiment.results import RunResults
 from merging.experiment.runner import ContinualRun, RunConfig
 from merging.experiment.sweep import Trial
@@ -180,37 +180,63 @@ def timed_trial(trial: Trial, work: Callable[[], RunResults]) -> Outcome:
 def run_local(
     trials: Iterable[Trial],
     shared: SharedInputs,
-    workers: int,
+    workers: int | None,
     on_done: Callable[[Outcome], None],
     device: str = "auto",
     cache_dir: Path | None = None,
     stop: threading.Event | None = None,
+    gpu_budget: Budget | None = None,
 ) -> None:
     """Run ``trials`` on ``workers`` threads of this process, calling ``on_done`` (in this thread) as each ends.
 
-    On CUDA the threads take the visible GPUs in turn (``--workers`` above the GPU count puts
-    several trials on each GPU, sharing its memory). Setting ``stop`` (a Stop button) starts no
-    more trials, stops those in flight at their next step and drops them, and returns; Ctrl-C
-    (KeyboardInterrupt here) does the same, then propagates. Every trial already passed to
-    ``on_done`` stays recorded, and so does one that finishes while the others stop.
+    On the CPU each thread keeps one evaluator for the trials it runs. On CUDA a trial first
+    takes room for its estimated peak memory on a GPU (:mod:`merging.experiment.gpu_budget`:
+    ``gpu_budget`` per GPU, by default 0.9 of the memory free now), waiting while no GPU has
+    room, so no GPU ever runs more trials than fit; its evaluator lives on that GPU for the
+    trial. A trial that fits on no GPU fails the sweep before any trial starts (a MergingError
+    naming it, its estimate and the budget). ``workers`` None: the usable cores on the CPU; on
+    CUDA the trials that fit at once, at most one per usable core (at least one per GPU).
+
+    Setting ``stop`` (a Stop button) starts no more trials, stops those in flight at their next
+    step and drops them, and returns; Ctrl-C (KeyboardInterrupt here) does the same, then
+    propagates. Every trial already passed to ``on_done`` stays recorded, and so does one that
+    finishes while the others stop.
     """
     from merging.compute.devices import resolve_device
+    from merging.compute.threads import usable_cores
 
     target = resolve_device(device)
     local = threading.local()
     stop = stop or threading.Event()
-    started = itertools.count()
+    pending = list(trials)
+    slots: GpuSlots | None = None
+    estimates: dict[str, Estimate] = {}
+    if target.type == "cuda":
+        slots, estimates = plan_gpu_slots(pending, shared, gpu_budget or Budget())
+        if workers is None:
+            workers = default_gpu_workers(estimates, slots, usable_cores())
+    elif workers is None:
+        workers = usable_cores()
 
     def work(trial: Trial) -> Outcome:
         if stop.is_set():
             raise TrialStopped(trial.name)
-        if getattr(local, "evaluator", None) is None:  # one evaluator (one tower copy) per worker thread
-            if target.type == "cuda":  # threads take the GPUs in turn; "cuda" then means this thread's GPU
-                torch.cuda.set_device(next(started) % torch.cuda.device_count())
-            local.evaluator = trial_evaluator(shared, target, cache_dir)
-        return timed_trial(trial, lambda: run_trial(trial, shared, local.evaluator, stop))
+        if slots is None:
+            if getattr(local, "evaluator", None) is None:  # one evaluator (one tower copy) per worker thread
+                local.evaluator = trial_evaluator(shared, target, cache_dir)
+            return timed_trial(trial, lambda: run_trial(trial, shared, local.evaluator, stop))
+        need = estimates[trial.name].total
+        index = slots.acquire(need, stop)
+        if index is None:  # stopped while waiting for room
+            raise TrialStopped(trial.name)
+        try:
+            torch.cuda.set_device(index)  # "cuda" in the trial's configuration now means this GPU
+            evaluator = trial_evaluator(shared, torch.device("cuda", index), cache_dir)
+            return timed_trial(trial, lambda: run_trial(trial, shared, evaluator, stop))
+        finally:
+            evaluator = None  # the tower's memory goes back to the allocator before the room is given back
+            slots.release(index, need)
 
-    pending = list(trials)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sweep-trial")
     running: set[Future[Outcome]] = set()
     try:
@@ -218,7 +244,7 @@ def run_local(
         while pending or running:
             if stop.is_set():
                 pending.clear()
-            while pending and len(running) < max(1, workers):
+            while pending and len(running) < max(1, workers):  # type: ignore[arg-type] (set above)
                 running.add(pool.submit(work, pending.pop(0)))
             if not running:
                 break
