@@ -289,8 +289,11 @@ def estimate_trial(trial: Trial, shared: SharedInputs, own_process: bool = False
     merger = create_merger(trial.point.method, trial.point.options)
     options = merger.config
     copies = method_copies(trial.point.method, options)
-    merger.start(meta, "meta")  # shapes only: what one more task adds
-    growth = merger.per_task_bytes() * len(trial.config.checkpoints)
+    try:  # shapes only: what one more task adds
+        merger.start(meta, "meta")
+        growth = merger.per_task_bytes() * len(trial.config.checkpoints)
+    except Exception:  # a method that cannot start without data (none of this library's) adds nothing known
+        growth = 0
     family = merger.family or family_of(meta.keys(), "the pretrained encoder")
     shapes = tall_matrix_shapes(meta, family)
     work = 0

@@ -244,7 +244,7 @@ def run_local(
         while pending or running:
             if stop.is_set():
                 pending.clear()
-            while pending and len(running) < max(1, workers):  # type: ignore[arg-type] (set above)
+            while pending and len(running) < max(1, workers):
                 running.add(pool.submit(work, pending.pop(0)))
             if not running:
                 break
