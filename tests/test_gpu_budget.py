@@ -293,7 +293,7 @@ def test_cpu_sweeps_take_no_gpu_path(monkeypatch):
         ("75%", Budget(0.75)),
         ("40GiB", Budget(None, 40 * GIB)),
         ("1.5 G", Budget(None, int(1.5 * GIB))),
-        ("2gb", Budget(None, 2 * GIB)),
+        ("2gib", Budget(None, 2 * GIB)),
     ],
 )
 def test_the_budget_flag_takes_a_fraction_or_gib(text, budget):
@@ -307,6 +307,8 @@ def test_the_budget_flag_takes_a_fraction_or_gib(text, budget):
         ("0", "a fraction of the free memory must be in (0, 1]"),
         ("150%", "a fraction of the free memory must be in (0, 1]"),
         ("0GiB", "--gpu-memory-budget '0GiB' must be more than 0 GiB"),
+        ("1e999GiB", "must be more than 0 GiB and less than a million"),
+        ("40GB", "is not a fraction of the free memory (0.9, 90%) or an amount in GiB (40GiB)"),
         ("lots", "--gpu-memory-budget 'lots' is not a fraction of the free memory (0.9, 90%) or an amount"),
         ("-1", "is not a fraction"),
     ],

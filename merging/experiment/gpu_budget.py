@@ -107,7 +107,7 @@ class Budget:
         return int(free * self.fraction)
 
 
-BUDGET_FORM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(GiB|G|GB|%)?\s*$", re.IGNORECASE)
+BUDGET_FORM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(GiB|G|%)?\s*$", re.IGNORECASE)
 
 
 def parse_budget(text: str | None) -> Budget:
@@ -124,9 +124,9 @@ def parse_budget(text: str | None) -> Budget:
             f"--gpu-memory-budget {text!r} is not a fraction of the free memory (0.9, 90%) or an amount in GiB (40GiB)"
         )
     value, unit = float(match.group(1)), (match.group(2) or "").lower()
-    if unit in ("gib", "g", "gb"):
-        if value <= 0:
-            raise MergingError(f"--gpu-memory-budget {text!r} must be more than 0 GiB")
+    if unit in ("gib", "g"):
+        if not 0 < value < 1 << 20:
+            raise MergingError(f"--gpu-memory-budget {text!r} must be more than 0 GiB and less than a million")
         return Budget(fraction=None, amount=int(value * GIB))
     if unit == "%":
         value /= 100
