@@ -216,7 +216,7 @@ def fake_cuda_pool(monkeypatch, free: list[int]):
             state["now"][gpu] += 1
             state["most"][gpu] = max(state["most"][gpu], state["now"][gpu])
             state["ran"].append((trial.name, gpu))
-        time.sleep(0.15)
+        time.sleep(0.3)
         with lock:
             state["now"][gpu] -= 1
         return "results"
