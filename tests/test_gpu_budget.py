@@ -422,6 +422,7 @@ def test_ray_gpu_trials_ask_for_their_share_of_a_gpu(monkeypatch, shared):
     assert budget // own["otmf"] == 9 and shares["otmf seed 42"] == shares["otmf seed 43"] == 0.1112
     assert shares["weight_average seed 42"] == shares["weight_average seed 43"] == 0.1
     assert all(options["num_cpus"] == 1 and options["max_retries"] == 0 for _, options in declared)
+    assert all(options["max_calls"] == 1 for _, options in declared)  # a fresh worker process per GPU trial
 
     monkeypatch.setattr(sweep_ray, "ray_gpu_budget", lambda ray, b: own["otmf"] - 1)
     with pytest.raises(MergingError, match=r"^trial otmf seed 42 needs about .*CUDA context"):

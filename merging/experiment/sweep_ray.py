@@ -188,10 +188,11 @@ def run_ray(
         if on_gpu:
             budget = gpu_budget or Budget()
             fractions = gpu_fractions(trials, shared, budget, ray_gpu_budget(ray, budget))
-            for fraction in set(fractions.values()):  # declared with its GPUs: one trial per worker process
-                gpu_remotes[fraction] = ray.remote(num_cpus=cpus_per_trial, num_gpus=fraction, max_retries=0)(
-                    _remote_trial
-                )
+            for fraction in set(fractions.values()):
+                # one trial per worker process (max_calls=1, Ray's default for GPU tasks, said here): a reused
+                # worker would keep the CUDA device and the cached memory of its previous trial
+                declare = ray.remote(num_cpus=cpus_per_trial, num_gpus=fraction, max_retries=0, max_calls=1)
+                gpu_remotes[fraction] = declare(_remote_trial)
         refs = [ray.put(pack(shared))]  # once per sweep; workers on every node read it from there
         limit = workers or len(trials)
         pending = list(trials)
