@@ -29,6 +29,11 @@ from merging.compute.threads import limit_spinning
 # (nor ours on theirs); the user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 limit_spinning()
 
+from merging.ui import zerogpu
+
+# On a ZeroGPU Space ``spaces`` is imported before torch; elsewhere it is never imported.
+zerogpu.setup()
+
 import gradio as gr
 from gradio.utils import get_upload_folder
 
@@ -402,7 +407,9 @@ class LabHandlers:
             live = lab.LiveLayer(_text(spectrum_layer, "layer", 500).strip() or None)
             self.live_layers[session] = live
             folder = self.workspaces.new_folder(session, "run")
-            for update in lab.stream(config, folder, fmt=layout, layer=live):
+            # on a ZeroGPU Space: downloads and decoding here, the compute in the spaces.GPU window
+            stream = zerogpu.stream if zerogpu.enabled() else lab.stream
+            for update in stream(config, folder, fmt=layout, layer=live):
                 names = list(update.results.methods)
                 heatmap, lines, curves, table = figures_for(update.results, None)
                 cosine, spectra, removed = live_figures(update.results)
@@ -676,28 +683,6 @@ def figures_for(results: RunResults | None, shown: str | None) -> tuple[Any, Any
     return heatmap, plots.acc_bwt_figure(results), curves, plots.styled_table(plots.results_table(results))
 
 
-def gpu_duration(*args: Any) -> int:
-    """Seconds of GPU time to ask a ZeroGPU Space for: about 20 s per checkpoint and method, at least 60.
-
-    Called with the run handler's arguments (request first)."""
-    checkpoints, methods = args[3], args[4]
-    try:
-        count = len(lab.parse_checkpoint_lines(checkpoints)) if isinstance(checkpoints, str) else 8
-    except MergingError:
-        count = 1
-    methods = methods if isinstance(methods, list | tuple) else []
-    return int(min(1500, max(60, 20 * count * max(1, len(methods)))))
-
-
-def on_gpu(function):
-    """``spaces.GPU`` around the GPU work on Hugging Face Spaces; the function itself elsewhere."""
-    try:
-        import spaces
-    except ImportError:
-        return function
-    return spaces.GPU(duration=gpu_duration)(function)
-
-
 # ------------------------------------------------------------------ the merge-and-save page
 
 
@@ -738,6 +723,8 @@ def formula(text: str) -> gr.Markdown:
 def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) -> gr.Blocks:
     """The page; ``hosted`` (default: :func:`merging.ui.hosting.hosted_mode`) restricts what visitors may read."""
     handlers = LabHandlers(hosted, workspaces)
+    if zerogpu.enabled():  # the GPU function exists before the Space starts, as ZeroGPU requires
+        zerogpu.install()
     presets = list(registry().sets)
     compute = {"concurrency_limit": max_concurrent_runs(), "concurrency_id": "compute"}
     # Gradio's own copies of served files are deleted after an hour too.
@@ -947,7 +934,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
             run_kwargs = {**dict(zip(lab.option_parameters(), option_inputs, strict=True)), "spectrum_layer": layer}
             lesson_runs: list[Any] = []
             event = run.click(
-                on_gpu(handlers.run_lab),
+                handlers.run_lab,
                 api_name="run",
                 inputs=run_inputs,
                 inputs_kwargs=run_kwargs,
@@ -960,7 +947,7 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
                 lesson = button.click(
                     lambda key=prepared.key: handlers.classroom(key), None, lesson_outputs, api_visibility="private"
                 ).then(
-                    on_gpu(handlers.run_lab),
+                    handlers.run_lab,
                     inputs=run_inputs,
                     inputs_kwargs=run_kwargs,
                     outputs=[view[f.name] for f in fields(RunView)],
@@ -1056,10 +1043,14 @@ def build_app(hosted: bool | None = None, workspaces: Workspaces | None = None) 
 
 
 def warm_default_run() -> None:
-    """Decode the default benchmark's images and compute its reference rows in the background."""
+    """Decode the default benchmark's images and compute its reference rows in the background
+    (on a ZeroGPU Space, where this process has no GPU, only what needs none: fetch and decode)."""
     try:
         config = lab.LabRequest(checkpoints=lab.preset_text(DEFAULT_PRESET, DEFAULT_BACKBONE)).config()
-        lab.warm_up(config)
+        if zerogpu.enabled():
+            zerogpu.fetch_and_decode(config)
+        else:
+            lab.warm_up(config)
     except MergingError as exc:  # a missing benchmark is reported when the user runs it
         LOG.warning("warm-up skipped: %s", exc)
 

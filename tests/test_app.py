@@ -440,28 +440,6 @@ def test_push_to_hub_uploads_the_merged_encoder_with_the_given_token(tmp_path, m
             HANDLERS.push(None, {"downloads": folder_given}, "opcm", "me/merged", "hf_secret")
 
 
-def test_spaces_gpu_wraps_the_run_only_when_the_package_exists(monkeypatch):
-    import sys
-    import types
-
-    assert app.on_gpu(HANDLERS.run_lab) == HANDLERS.run_lab  # no spaces package here
-    seen = {}
-
-    def gpu(duration):
-        def wrap(function):
-            seen["duration"] = duration
-            return function
-
-        return wrap
-
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
-    assert app.on_gpu(HANDLERS.run_lab) == HANDLERS.run_lab and seen["duration"] is app.gpu_duration
-    text = lab.preset_text("mini-8", "mini")
-    assert app.gpu_duration(None, "mini", "mini-8", text, ["opcm", "ties"]) == 20 * 8 * 2
-    assert app.gpu_duration(None, "mini", "mini-8", "", ["opcm"]) == 60
-    assert app.gpu_duration(None, "mini", "mini-8", "hello world ???", "not a list") == 60
-
-
 def test_a_failure_mid_run_keeps_the_completed_steps(private_cache, monkeypatch):
     from merging.errors import CheckpointError
     from merging.methods.opcm import OPCM

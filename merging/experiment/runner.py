@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -28,7 +28,7 @@ from merging.compute.devices import resolve_device
 from merging.compute.threads import apply_share, run_slot, usable_cores
 from merging.errors import MergingError
 from merging.evaluation.backbones import Backbone, load_backbone
-from merging.evaluation.datasets import cache_root
+from merging.evaluation.datasets import ImageCache, cache_root
 from merging.evaluation.evaluator import DEFAULT_SAMPLES, Evaluator
 from merging.evaluation.image_set import ImageSet
 from merging.evaluation.tasks import Task, TaskRegistry, registry
@@ -209,6 +209,11 @@ class ContinualRun:
     (the reference rows and :meth:`steps` prepare the run if the caller did not).
     """
 
+    # On a ZeroGPU Space the GPU exists only inside the spaces.GPU window, and the images are
+    # decoded before it, on the CPU (merging.ui.zerogpu sets this): a run on CUDA then reads the
+    # CPU-decoded sets from the image cache instead of decoding on the GPU (a cache entry of its own).
+    decode_on_cpu: ClassVar[bool] = False
+
     def __init__(
         self,
         config: RunConfig,
@@ -273,6 +278,8 @@ class ContinualRun:
         backbone = self._backbone
         cache_dir = self._cache_dir or cache_root()
         evaluator = self._evaluator or Evaluator(backbone, device, self.config.samples, cache_dir)
+        if self._evaluator is None and self.decode_on_cpu and evaluator.images.on_gpu:
+            evaluator.images = ImageCache(cache_dir, "cpu")
         self._prepared = _Prepared(tasks_registry, tasks, device, backbone, cache_dir, evaluator)
         for spec, task in zip(self.config.checkpoints, tasks, strict=True):
             self._check_dataset(task, spec)
