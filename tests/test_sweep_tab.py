@@ -278,3 +278,15 @@ def test_a_script_runs_a_sweep_through_the_served_page(served_app):
     assert client.predict(api_name="/sweep_stop") == "No sweep is running in this session."
     with pytest.raises(Exception, match="unknown option 'nope' for opcm"):
         client.predict(*inputs(grid="opcm.nope=1"), api_name="/sweep")
+
+
+def test_the_pool_is_sized_by_the_cores_on_the_cpu_and_left_to_the_gpu_budget_on_cuda(monkeypatch):
+    """On CUDA the tab passes no worker count, so the backends pack as many trials as fit in the budget."""
+    import torch
+
+    from merging.compute import devices
+
+    assert sweep_tab.pool_workers("cpu", 1) == 1  # never more workers than trials
+    assert 1 <= sweep_tab.pool_workers("cpu", 50) <= 50
+    monkeypatch.setattr(devices, "resolve_device", lambda device: torch.device("cuda"))
+    assert sweep_tab.pool_workers("cuda", 50) is None

@@ -357,21 +357,20 @@ class SweepUpdate:
     finished: bool = False
 
 
-def pool_workers(device: str, pending: int) -> int:
-    """The local pool's size: this sweep's share of the cores (the runs in flight counted), or one per GPU.
+def pool_workers(device: str, pending: int) -> int | None:
+    """The local pool's size: this sweep's share of the cores (the runs in flight counted); None on CUDA.
 
     Each trial holds a slot of the thread budget while it runs, so the trials' threads add up to
-    the cores at most; the pool never has more workers than trials to run.
+    the cores at most; the pool never has more workers than trials to run. On CUDA the backends
+    size themselves to the trials that fit in the GPUs' memory budget
+    (:mod:`merging.experiment.gpu_budget`), so several trials share a GPU as on the command line.
     """
     from merging.compute.devices import resolve_device
     from merging.compute.threads import runs_in_flight, usable_cores
 
     if resolve_device(device).type == "cuda":
-        import torch
-
-        workers = max(1, torch.cuda.device_count())
-    else:
-        workers = max(1, usable_cores() // (runs_in_flight() + 1))
+        return None
+    workers = max(1, usable_cores() // (runs_in_flight() + 1))
     return max(1, min(workers, pending))
 
 
@@ -487,7 +486,7 @@ def stream(
     yield update(status, done, failed, [*written, archive], finished=True)
 
 
-def run_on_ray(trials: Sequence[Trial], shared: Any, workers: int, on_done: Any, device: str) -> None:
+def run_on_ray(trials: Sequence[Trial], shared: Any, workers: int | None, on_done: Any, device: str) -> None:
     """The Ray backend on a local instance, one sweep at a time per process (each starts and stops Ray)."""
     from merging.experiment.sweep_ray import import_ray, run_ray
 
