@@ -265,3 +265,23 @@ def test_on_zero_gpu_a_run_on_cuda_reads_the_images_decoded_on_the_cpu(monkeypat
     monkeypatch.setattr(runner.ContinualRun, "decode_on_cpu", True)
     images = ContinualRun(config).evaluator.images
     assert isinstance(images, ImageCache) and not images.on_gpu
+
+
+def test_outside_the_window_device_auto_is_the_cpu_and_cuda_says_why(monkeypatch):
+    """The Merge and Sweep tabs compute in the app's process, where ZeroGPU's CUDA cannot start."""
+    import torch
+
+    from merging.compute import devices
+    from merging.errors import MergingError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as ZeroGPU's patched torch may say
+    monkeypatch.setenv(zerogpu.ENV, "true")
+    monkeypatch.delenv(devices.GPU_WINDOW_VARIABLE, raising=False)
+    assert devices.resolve_device("auto").type == "cpu"
+    with pytest.raises(MergingError, match="ZeroGPU"):
+        devices.resolve_device("cuda")
+    monkeypatch.setenv(devices.GPU_WINDOW_VARIABLE, "1")  # inside the window's worker
+    assert devices.resolve_device("auto").type == "cuda"
+    monkeypatch.delenv(zerogpu.ENV)  # not a ZeroGPU Space: unchanged
+    monkeypatch.delenv(devices.GPU_WINDOW_VARIABLE)
+    assert devices.resolve_device("auto").type == "cuda"

@@ -7,6 +7,7 @@ over one region of a run. On CUDA, torch's allocator statistics are used.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,15 +15,38 @@ import torch
 from merging.errors import MergingError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# Set in the worker process of a ZeroGPU Space's spaces.GPU window (merging.ui.zerogpu.compute).
+GPU_WINDOW_VARIABLE = "MERGING_GPU_WINDOW"
+
+
+def outside_zerogpu_window() -> bool:
+    """On a ZeroGPU Space, whether this is the app's own process, where CUDA cannot be initialised.
+
+    There CUDA exists only in the worker that runs a ``spaces.GPU`` function (the Lab tab's
+    runs); the Merge and Sweep tabs compute in the app's process, so they must stay on the CPU.
+    """
+    on_zerogpu = os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
+    return on_zerogpu and os.environ.get(GPU_WINDOW_VARIABLE) != "1"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; asking for absent CUDA is an error."""
+    """``auto`` picks CUDA when available, else the CPU; asking for absent CUDA is an error.
+
+    On a ZeroGPU Space outside the GPU window ``auto`` is the CPU and ``cuda`` an error that
+    says why, instead of a CUDA that fails at its first use.
+    """
     if name == "auto":
+        if outside_zerogpu_window():
+            return torch.device("cpu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda":
+        if outside_zerogpu_window():
+            raise MergingError(
+                "device cuda: on this ZeroGPU Space a GPU is lent only to the Lab tab's runs; "
+                "merge and sweep here on the cpu (device auto or cpu)"
+            )
         if not torch.cuda.is_available():
             raise MergingError("device cuda was asked for, but CUDA is not available on this machine")
         return torch.device("cuda")

@@ -123,7 +123,10 @@ def compute(config: RunConfig, folder: str, fmt: str, layer: str | None) -> Iter
     from merging.ui import lab
 
     if os.getpid() != _APP_PID:  # ZeroGPU's worker: a process of its own, made for this function
+        from merging.compute.devices import GPU_WINDOW_VARIABLE
+
         os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ[GPU_WINDOW_VARIABLE] = "1"  # CUDA is usable here: device auto may pick it
     yield from lab.stream(config, Path(folder), fmt=fmt, layer=layer)
 
 
