@@ -248,6 +248,9 @@ def test_missing_dataset_split_and_columns_are_named(tmp_path, tiny_backbone):
     write_dataset(tmp_path / "toy", "test", images, labels, label_column="target")
     with pytest.raises(MergingError, match=r"lacks column\(s\) \['image', 'label'\]"):
         evaluator.evaluate(None, [registry_for(tmp_path / "toy").get("toy")])
+    (tmp_path / "toy" / "data" / "test-00000-of-00001.parquet").write_bytes(b"not parquet" * 10)
+    with pytest.raises(MergingError, match=r"test-00000-of-00001.parquet is not a readable parquet file"):
+        evaluator.evaluate(None, [registry_for(tmp_path / "toy").get("toy")])
 
 
 def test_unknown_backbone_and_task_are_named():

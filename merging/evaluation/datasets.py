@@ -250,12 +250,20 @@ class ImageCache:
         columns = [task.dataset.image_column, task.dataset.label_column]
         tables = []
         for file in parquet_files(task, split):
+            # ParquetFile.read, not read_table: the latter imports pyarrow.dataset and pandas (~0.2 s
+            # of a cold start) for what is one file's columns; it returns absent columns silently.
+            culprit = f"dataset of task {task.name}: {file.name}"
             try:
-                tables.append(pq.read_table(file, columns=columns))
-            except (KeyError, ValueError) as exc:
-                raise MergingError(
-                    f"dataset of task {task.name}: {file.name} lacks column(s) {columns}: {exc}"
-                ) from None
+                parquet = pq.ParquetFile(file)
+            except (OSError, ValueError) as exc:
+                raise MergingError(f"{culprit} is not a readable parquet file ({exc})") from None
+            names = parquet.schema_arrow.names
+            if not set(columns) <= set(names):
+                raise MergingError(f"{culprit} lacks column(s) {columns}: it has {names}")
+            try:
+                tables.append(parquet.read(columns=columns))
+            except (OSError, ValueError) as exc:
+                raise MergingError(f"{culprit} could not be read ({exc})") from None
         images_column = [row for table in tables for row in table.column(columns[0]).to_pylist()]
         labels = np.concatenate([np.asarray(table.column(columns[1]).to_pylist()).astype(np.int64) for table in tables])
         chosen = sample_indices(len(labels), limit)
