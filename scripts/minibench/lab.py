@@ -1,0 +1,406 @@
+"""A bench for the mini benchmark's fine-tuning recipe: what a recipe change does to the merges, in minutes.
+
+    python -m scripts.minibench.lab [--recipe lr=2e-4,epochs=10] [--shipped] [--orders 42-51]
+
+The full build (``build_mini_benchmark.py``) and report take about 70 minutes; a question such
+as "do longer fine-tunes make OPCM's projection matter?" needs only the mini-8 fine-tunes on
+the shipped pretrained base and four methods. This bench fine-tunes the mini-8 tasks with the
+recipe given (the build's own ``finetune`` loop, parametrised; the fine-tuning images are the
+build's own, drawn with the same seeds and cached), runs task arithmetic, weight averaging
+and MagMax (whose final models do not depend on the order) once and OPCM over the orders,
+all through the library's registered methods, evaluates on the shipped test splits in
+memory, and prints beside the goals of issue 13:
+
+- ACC and normalised accuracy of each method, and OPCM's gap over the best of the others;
+- the single-task scaling curve (normalised accuracy of θ0 + λ·τ_t on task t at λ = 1/8,
+  0.3, 1/√8, 1/2): how much of a task's gain a fraction of its vector keeps;
+- the share of each new task vector that OPCM's projection removes, and λ(T) against √T;
+- spectral accumulation per layer type: σ1(Σ τ_t) / √(Σ σ1(τ_t)²): 1/√T when the tasks'
+  leading directions are disjoint, about 1 for independent random matrices, √T when every
+  task has the same one (the over-accumulation of shared directions that task arithmetic
+  suffers and OPCM's projection removes).
+
+``--shipped`` measures the shipped checkpoints instead of fine-tuning (the bench's baseline).
+Results go to ``--out`` as JSON, one file per recipe, so that recipes can be compared later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scripts.minibench import build
+from scripts.minibench.generators import TASKS, digit_split
+
+ROOT = Path(__file__).resolve().parents[2]
+MINI = ROOT / "assets" / "mini"
+SCALES = (0.125, 0.3, 1 / math.sqrt(8), 0.5)
+REAL_NORMALISED = {"opcm": 0.65, "task_arithmetic": 0.46, "weight_average": 0.43, "magmax": 0.53}
+DEFAULT_RECIPE = {
+    "lr": build.FINETUNE_LR,
+    "epochs": 10,
+    "wd_per_step": 1e-6,  # lr · wd, the real recipe's shrinkage per step
+    "schedule": "onecycle",  # or "cosine" (linear warm-up, then cosine decay), or "constant"
+    "steps": 0,  # optimiser steps; 0: epochs × images / batch
+    "warmup": 0.1,
+    "batch": 128,
+    "images": build.FINETUNE_SIZE,
+}
+
+
+def parse_recipe(text: str) -> dict:
+    recipe = dict(DEFAULT_RECIPE)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in recipe:
+            raise SystemExit(f"unknown recipe key {key!r}; known: {', '.join(recipe)}")
+        recipe[key] = type(recipe[key])(value) if not isinstance(recipe[key], float) else float(value)
+    return recipe
+
+
+def recipe_name(recipe: Mapping) -> str:
+    changed = [f"{k}={v}" for k, v in recipe.items() if DEFAULT_RECIPE.get(k) != v]
+    return ",".join(changed) or "default"
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_split(task: str, split: str) -> tuple[Tensor, np.ndarray]:
+    """A shipped split as a uint8 N×3×32×32 tensor and its labels."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(MINI / "datasets" / task / "data" / f"{split}-00000-of-00001.parquet")
+    images = [Image.open(io.BytesIO(row["bytes"])).convert("RGB") for row in table.column("image").to_pylist()]
+    return build.as_tensor(images), np.asarray(table.column("label").to_pylist(), dtype=np.int64)
+
+
+def tune_split(task: str, seed: int, size: int, cache: Path) -> tuple[Tensor, np.ndarray]:
+    """The build's fine-tuning images of ``task`` (same generator seeds), cached on disk."""
+    path = cache / f"tune-{task}-{seed}-{size}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return saved["images"], saved["labels"].numpy()
+    index = next(i for i, spec in enumerate(TASKS) if spec.name == task)
+    spec = TASKS[index]
+    pool = digit_split(build.TEST_SIZE, seed)[1] if spec.name == "mini-digits" else None
+    images, labels = build.draw_split(spec, "task", size, seed * 1000 + index * 10 + 3, pool)
+    tensor = build.as_tensor(images)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": tensor, "labels": torch.from_numpy(labels)}, path)
+    return tensor, labels
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_base(base: Path = MINI / "base"):
+    import open_clip
+    from safetensors.torch import load_file
+
+    model = open_clip.create_model(f"local-dir:{base}", load_weights=False)
+    model.load_state_dict(load_file(str(base / "open_clip_model.safetensors")))
+    model.eval()
+    return model, open_clip.get_tokenizer(f"local-dir:{base}")
+
+
+def pretrained_base(
+    cache: Path, seed: int, logit_scale: float, epochs: int, noise: float, width: int = 96, layers: int = 4
+) -> Path:
+    """A base pretrained like the build's, but with CLIP's logit scale held at ``logit_scale`` (0: learnt).
+
+    Real CLIP's learnt scale sits at its clamp, 100 (temperature 0.01); the shipped base's
+    stopped at about 20. The temperature decides whether contrastive training keeps the
+    embeddings in narrow cones with a gap between images and texts (Liang et al. 2022).
+    """
+    name = f"scale{logit_scale:g}-epochs{epochs}-noise{noise:g}-seed{seed}"
+    if (width, layers) != (96, 4):
+        name += f"-width{width}-layers{layers}"
+    base = cache / "bases" / name
+    if (base / "open_clip_model.safetensors").exists():
+        return base
+    import multiprocessing
+    import os
+
+    from safetensors.torch import save_file
+
+    with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
+        drawn = pool.starmap(build.draw_task, [(index, seed, noise) for index in range(len(TASKS))])
+    corpus = []
+    for spec, (_, _, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
+        corpus.append((build.as_tensor(web_images), captions))
+        path = cache / f"tune-{spec.name}-{seed}-{build.FINETUNE_SIZE}.pt"
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": build.as_tensor(tune[0]), "labels": torch.from_numpy(tune[1])}, path)
+    torch.manual_seed(seed)  # as the build seeds before drawing and creating the model
+    model, tokenizer = build.create_model(base, build.model_config(width, layers))
+    if logit_scale:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(logit_scale))
+        model.logit_scale.requires_grad_(False)
+    build.pretrain(model, tokenizer, corpus, epochs, seed)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "open_clip_model.safetensors"))
+    return base
+
+
+def finetune(visual, head: Tensor, logit_scale: float, images: Tensor, labels: np.ndarray, recipe: Mapping, seed: int):
+    """The build's fine-tuning loop (frozen head and projection, AdamW) with the recipe's settings."""
+    parameters = [p for name, p in visual.named_parameters() if name != "proj"]
+    visual.proj.requires_grad_(False)
+    batch = int(recipe["batch"])
+    steps = int(recipe["steps"]) or int(recipe["epochs"]) * math.ceil(len(images) / batch)
+    lr = float(recipe["lr"])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=float(recipe["wd_per_step"]) / lr)
+    warmup = max(1, int(float(recipe["warmup"]) * steps))
+    if recipe["schedule"] == "constant":
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    elif recipe["schedule"] == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=steps, pct_start=float(recipe["warmup"])
+        )
+    else:
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.from_numpy(labels)
+    visual.train()
+    step = 0
+    while step < steps:
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), batch):
+            if step == steps:
+                break
+            step += 1
+            index = order[start : start + batch]
+            features = F.normalize(visual(build.normalise(images[index])), dim=-1)
+            loss = F.cross_entropy(logit_scale * features @ head.T, targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    visual.eval()
+
+
+class Bench:
+    """The mini-8 tasks' test splits and heads in memory, and one image tower to evaluate states with."""
+
+    def __init__(self, tasks: Sequence[str], base: Path = MINI / "base"):
+        self.model, self.tokenizer = load_base(base)
+        self.tasks = list(tasks)
+        specs = {spec.name: spec for spec in TASKS}
+        self.heads = {t: build.zeroshot_head(self.model, self.tokenizer, specs[t]) for t in self.tasks}
+        self.tests = {t: load_split(t, "test") for t in self.tasks}
+        self.inputs = {t: build.normalise(images) for t, (images, _) in self.tests.items()}
+        self.pretrained = {k: v.detach().clone() for k, v in self.model.visual.state_dict().items()}
+        self.logit_scale = float(self.model.logit_scale.exp())
+
+    @torch.no_grad()
+    def accuracies(self, state: Mapping[str, Tensor]) -> dict[str, float]:
+        self.model.visual.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        out = {}
+        for task in self.tasks:
+            features = F.normalize(self.model.visual(self.inputs[task]), dim=-1)
+            out[task] = float(((features @ self.heads[task].T).argmax(-1).numpy() == self.tests[task][1]).mean())
+        self.model.visual.load_state_dict(self.pretrained)
+        return out
+
+
+def shipped(task: str, pretrained: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    from merging.families.clip_vit.layouts import to_canonical
+
+    state = to_canonical(load_file(str(MINI / "checkpoints" / task / "model.safetensors")))
+    return {k: state.get(k, v).float() for k, v in pretrained.items()}
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def merge(method: str, pretrained: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]):
+    from merging.methods import create_merger
+
+    merger = create_merger(method)
+    merger.start(pretrained)
+    diagnostics = []
+    for index, model in enumerate(models):
+        result = merger.step(model, last=index == len(models) - 1)
+        diagnostics.append(result.diagnostics)
+    return {k: v.detach().clone() for k, v in result.merged.items()}, diagnostics
+
+
+def spectral_accumulation(pretrained: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> dict:
+    """Per layer type, the mean of σ1(Σ τ) / √(Σ σ1(τ_t)²) over matrices: 1/√T disjoint, ~1 random, √T shared."""
+    from merging.families.clip_vit.matrices import get_matrix, matrix_labels, matrix_type
+
+    ratios: dict[str, list[float]] = {}
+    for label in matrix_labels(pretrained.keys()):
+        base = get_matrix(pretrained, label)
+        taus = [get_matrix(m, label) - base for m in models]
+        top = [float(torch.linalg.matrix_norm(t, ord=2)) for t in taus]
+        total = float(torch.linalg.matrix_norm(sum(taus), ord=2))
+        ratios.setdefault(matrix_type(label), []).append(total / math.sqrt(sum(s * s for s in top)))
+    return {k: float(np.mean(v)) for k, v in ratios.items()}
+
+
+def measure(bench: Bench, models: dict[str, dict[str, Tensor]], orders: Sequence[int]) -> dict:
+    pretrained = bench.pretrained
+    zero = bench.accuracies(pretrained)
+    fine = {t: bench.accuracies(models[t])[t] for t in bench.tasks}
+    zs, ft = float(np.mean(list(zero.values()))), float(np.mean(list(fine.values())))
+
+    def normalised(acc: float) -> float:
+        return (acc - zs) / (ft - zs)
+
+    curve = {}
+    for task in bench.tasks:
+        row = []
+        for scale in SCALES:
+            state = {k: pretrained[k] + scale * (models[task][k] - pretrained[k]) for k in pretrained}
+            acc = bench.accuracies(state)[task]
+            row.append((acc - zero[task]) / (fine[task] - zero[task]))
+        curve[task] = row
+    results: dict = {"zero_shot": zs, "finetuned": ft, "per_task_zero": zero, "per_task_finetuned": fine}
+    results["scaling_curve"] = {
+        f"{s:.3f}": float(np.mean([curve[t][i] for t in bench.tasks])) for i, s in enumerate(SCALES)
+    }
+    ordered = [models[t] for t in bench.tasks]
+    for method in ("task_arithmetic", "weight_average", "magmax"):
+        merged, _ = merge(method, pretrained, ordered)
+        acc = float(np.mean(list(bench.accuracies(merged).values())))
+        results[method] = {"acc": acc, "normalised": normalised(acc)}
+    opcm, removed, lambdas = [], [], []
+    for seed in orders:
+        order = list(bench.tasks)
+        random.Random(seed).shuffle(order)
+        merged, diagnostics = merge("opcm", pretrained, [models[t] for t in order])
+        opcm.append(float(np.mean(list(bench.accuracies(merged).values()))))
+        removed.append(float(np.mean([d["removed_share"] for d in diagnostics[1:]])))
+        lambdas.append(float(diagnostics[-1].get("lambda", math.nan)))
+    results["opcm"] = {
+        "acc": float(np.mean(opcm)),
+        "std": float(np.std(opcm)),
+        "normalised": normalised(float(np.mean(opcm))),
+        "removed_share": float(np.nanmean(removed)) if not all(map(math.isnan, removed)) else None,
+        "lambda_T": float(np.nanmean(lambdas)) if not all(map(math.isnan, lambdas)) else None,
+    }
+    best = max(("task_arithmetic", "weight_average", "magmax"), key=lambda m: results[m]["acc"])
+    results["gap"] = {"best_other": best, "points": 100 * (results["opcm"]["acc"] - results[best]["acc"])}
+    results["spectral_accumulation"] = spectral_accumulation(pretrained, ordered)
+    return results
+
+
+def report(name: str, results: Mapping, seconds: float) -> str:
+    lines = [f"# {name} ({seconds / 60:.1f} min)"]
+    lines.append(f"zero-shot {100 * results['zero_shot']:.1f}, fine-tuned {100 * results['finetuned']:.1f}")
+    lines.append(
+        "scaling curve (normalised at λ): " + ", ".join(f"{k}: {v:.2f}" for k, v in results["scaling_curve"].items())
+    )
+    for method in ("opcm", "task_arithmetic", "weight_average", "magmax"):
+        r = results[method]
+        goal = REAL_NORMALISED[method]
+        lines.append(
+            f"{method:16s} ACC {100 * r['acc']:.1f}  normalised {r['normalised']:.2f} (real {goal:.2f}, "
+            f"{'in' if abs(r['normalised'] - goal) <= 0.10 else 'OUT of'} ±0.10)"
+        )
+    gap = results["gap"]
+    lines.append(f"OPCM − best of others ({gap['best_other']}): {gap['points']:+.1f} points (goal ≥ +3)")
+    o = results["opcm"]
+    lines.append(f"OPCM removed share {o['removed_share']}, λ(T) {o['lambda_T']} (√8 = {math.sqrt(8):.2f})")
+    lines.append(
+        "spectral accumulation σ1(Στ)/√Σσ1² (0.35 disjoint, ~1 random, 2.83 shared): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in results["spectral_accumulation"].items())
+    )
+    lines.append(f"norm ‖τ‖ mean {results.get('task_norm', float('nan')):.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="", help="key=value,... over " + ", ".join(DEFAULT_RECIPE))
+    parser.add_argument("--shipped", action="store_true", help="measure the shipped checkpoints")
+    parser.add_argument("--orders", default="42-51")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/minibench-lab"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--pretrain-logit-scale",
+        type=float,
+        default=None,
+        help="pretrain a new base with CLIP's logit scale held at this value (0: learnt, as the build)",
+    )
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--width", type=int, default=96, help="image-tower width of a newly pretrained base")
+    parser.add_argument("--layers", type=int, default=4, help="image-tower blocks of a newly pretrained base")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    low, _, high = args.orders.partition("-")
+    orders = list(range(int(low), int(high or low) + 1))
+    started = time.time()
+    base = MINI / "base"
+    if args.pretrain_logit_scale is not None:
+        base = pretrained_base(
+            args.cache, args.seed, args.pretrain_logit_scale, args.pretrain_epochs, 0.3, args.width, args.layers
+        )
+    bench = Bench(build.MINI_8, base)
+    recipe = parse_recipe(args.recipe)
+    name = "shipped" if args.shipped else recipe_name(recipe)
+    if base != MINI / "base":
+        name = f"{base.name}+{name}"
+    models: dict[str, dict[str, Tensor]] = {}
+    for task in bench.tasks:
+        if args.shipped:
+            models[task] = shipped(task, bench.pretrained)
+            continue
+        path = args.cache / "models" / name / f"{task}.pt"
+        if path.exists():
+            models[task] = torch.load(path, weights_only=True)
+            continue
+        import copy
+
+        index = next(i for i, spec in enumerate(TASKS) if spec.name == task)
+        images, labels = tune_split(task, args.seed, int(recipe["images"]), args.cache)
+        visual = copy.deepcopy(bench.model.visual)
+        torch.manual_seed(args.seed * 1000 + index)
+        finetune(visual, bench.heads[task], bench.logit_scale, images, labels, recipe, args.seed + index)
+        # stored as the build stores it (float16), so the bench sees what a build would ship
+        state = {k: v.detach().to(build.CHECKPOINT_DTYPE).float() for k, v in visual.state_dict().items()}
+        state["proj"] = bench.pretrained["proj"].clone()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        models[task] = state
+        print(f"[{time.strftime('%H:%M:%S')}] fine-tuned {task}", flush=True)
+    results = measure(bench, models, orders)
+    pre = bench.pretrained
+    results["task_norm"] = float(
+        np.mean([math.sqrt(sum(float(((m[k] - pre[k]) ** 2).sum()) for k in pre)) for m in models.values()])
+        / math.sqrt(sum(float((v**2).sum()) for v in pre.values()))
+    )
+    results["recipe"] = recipe
+    out = args.cache / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(report(name, results, time.time() - started))
+
+
+if __name__ == "__main__":
+    main()
