@@ -285,13 +285,27 @@ def finetune(visual, head, logit_scale: float, images: torch.Tensor, labels: np.
     steps = epochs * math.ceil(len(images) / batch_size)
     optimizer = torch.optim.AdamW(parameters, lr=FINETUNE_LR, weight_decay=FINETUNE_WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=FINETUNE_LR, total_steps=steps, pct_start=0.1)
+    train_on_head(visual, head, logit_scale, images, labels, optimizer, schedule, steps, batch_size, seed)
+
+
+def train_on_head(
+    visual, head, logit_scale: float, images, labels, optimizer, schedule, steps: int, batch: int, seed: int
+) -> None:
+    """``steps`` optimiser steps of cross-entropy on the frozen head, over seeded shuffled passes of the images.
+
+    A pass ends early only at the last step, so whole passes give the same batches as a loop over epochs.
+    """
     generator = torch.Generator().manual_seed(seed)
     targets = torch.from_numpy(labels)
     visual.train()
-    for _ in range(epochs):
+    step = 0
+    while step < steps:
         order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for start in range(0, len(order), batch):
+            if step == steps:
+                break
+            step += 1
+            index = order[start : start + batch]
             features = F.normalize(visual(normalise(images[index])), dim=-1)
             loss = F.cross_entropy(logit_scale * features @ head.T, targets[index])
             optimizer.zero_grad(set_to_none=True)

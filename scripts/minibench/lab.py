@@ -179,24 +179,7 @@ def finetune(visual, head: Tensor, logit_scale: float, images: Tensor, labels: n
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    generator = torch.Generator().manual_seed(seed)
-    targets = torch.from_numpy(labels)
-    visual.train()
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), batch):
-            if step == steps:
-                break
-            step += 1
-            index = order[start : start + batch]
-            features = F.normalize(visual(build.normalise(images[index])), dim=-1)
-            loss = F.cross_entropy(logit_scale * features @ head.T, targets[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    visual.eval()
+    build.train_on_head(visual, head, logit_scale, images, labels, optimizer, schedule, steps, batch, seed)
 
 
 class Bench:
