@@ -176,8 +176,8 @@ def test_slots_wait_for_room_first_come_first_served():
     got = []
     waiting = threading.Thread(target=lambda: got.append(slots.acquire(5, stop)))
     waiting.start()
-    time.sleep(0.3)
-    assert got == []  # 5 fits nowhere until a trial ends
+    waiting.join(0.3)
+    assert waiting.is_alive() and got == []  # 5 fits nowhere until a trial ends
     slots.release(0, 6)
     waiting.join(5)
     assert got == [0] and slots.used == [9, 3] and slots.peak == [2, 1]

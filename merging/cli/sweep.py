@@ -237,8 +237,8 @@ def run_sweep(prepared: PreparedSweep) -> int:
         else:
             from merging.experiment.sweep_runner import run_local
 
-            workers = default_workers(prepared.workers, first.device)
-            run_local(pending, shared, workers, on_done, first.device, gpu_budget=prepared.gpu_budget)
+            # workers None: run_local sizes the pool (the usable cores, or the trials that fit on the GPUs)
+            run_local(pending, shared, prepared.workers, on_done, first.device, gpu_budget=prepared.gpu_budget)
     except KeyboardInterrupt:
         written = record.write()
         if tracker is not None:
@@ -281,23 +281,6 @@ def log_trial(tracker, prepared: PreparedSweep, outcome) -> None:
     except Exception as exc:
         reason = " ".join(str(exc).split())
         print(f"warning: --tracker {prepared.tracker} could not log {trial.name}: {reason}", file=sys.stderr)
-
-
-def default_workers(workers: int | None, device: str) -> int | None:
-    """The local pool's size: as asked, else one trial per usable core on the CPU.
-
-    On CUDA None: the pool sizes itself to the trials that fit in the GPUs' memory budget
-    (:func:`merging.experiment.gpu_budget.default_gpu_workers`), which it knows once it has
-    estimated them.
-    """
-    if workers is not None:
-        return workers
-    from merging.compute.devices import resolve_device
-    from merging.compute.threads import usable_cores
-
-    if resolve_device(device).type == "cuda":
-        return None
-    return usable_cores()
 
 
 def _table_text(out: Path) -> str:

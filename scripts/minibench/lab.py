@@ -277,13 +277,13 @@ def measure(bench: Bench, models: dict[str, dict[str, Tensor]], orders: Sequence
         merged, diagnostics = merge("opcm", pretrained, [models[t] for t in order])
         opcm.append(float(np.mean(list(bench.accuracies(merged).values()))))
         removed.append(float(np.mean([d["removed_share"] for d in diagnostics[1:]])))
-        lambdas.append(float(diagnostics[-1].get("lambda", math.nan)))
+        lambdas.append(float(diagnostics[-1]["lambda"]))
     results["opcm"] = {
         "acc": float(np.mean(opcm)),
         "std": float(np.std(opcm)),
         "normalised": normalised(float(np.mean(opcm))),
-        "removed_share": float(np.nanmean(removed)) if not all(map(math.isnan, removed)) else None,
-        "lambda_T": float(np.nanmean(lambdas)) if not all(map(math.isnan, lambdas)) else None,
+        "removed_share": float(np.mean(removed)),
+        "lambda_T": float(np.mean(lambdas)),
     }
     best = max(("task_arithmetic", "weight_average", "magmax"), key=lambda m: results[m]["acc"])
     results["gap"] = {"best_other": best, "points": 100 * (results["opcm"]["acc"] - results[best]["acc"])}
