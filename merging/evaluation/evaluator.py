@@ -22,6 +22,19 @@ from merging.evaluation.tasks import Task
 from merging.evaluation.zeroshot import HeadCache
 
 DEFAULT_SAMPLES = 500
+CUDA_BATCH = 1024
+# On the CPU a batch of about this many tokens keeps a block's activations in cache: measured
+# on 2 cores, the mini tower runs 500 images 1.6x faster (one thread) in batches of 120 than in
+# one batch of 500, and ViT-B/32 1.3x faster in batches of 32 than 128. Every image's features
+# are computed independently, so the batch size does not change them.
+CPU_TOKENS_PER_BATCH = 2048
+
+
+def default_batch_size(device: torch.device, tokens: int) -> int:
+    """Images per evaluation batch: large on CUDA, about CPU_TOKENS_PER_BATCH tokens on the CPU."""
+    if device.type == "cuda":
+        return CUDA_BATCH
+    return max(1, CPU_TOKENS_PER_BATCH // max(1, tokens))
 
 
 class Evaluator:
@@ -39,8 +52,9 @@ class Evaluator:
         directory = cache_dir or cache_root()
         self.images = ImageCache(directory, self.device)
         self.heads = HeadCache(directory)
-        self.batch_size = batch_size or (1024 if self.device.type == "cuda" else 500)
         self.visual = copy.deepcopy(backbone.model.visual).to(self.device).eval()
+        tokens = int(self.visual.positional_embedding.shape[0])
+        self.batch_size = batch_size or default_batch_size(self.device, tokens)
         for parameter in self.visual.parameters():
             parameter.requires_grad_(False)
         # what features() runs: the tower with the loaded encoder, or a method's own merged model

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merging.errors import MergingError
+from merging.evaluation.evaluator import CUDA_BATCH
 
 if TYPE_CHECKING:
     from merging.evaluation.backbones import Backbone
@@ -74,8 +75,7 @@ if TYPE_CHECKING:
 GIB = 1 << 30
 MIB = 1 << 20
 DEFAULT_FRACTION = 0.9
-# The evaluator's batch on CUDA (merging.evaluation.evaluator.Evaluator: 1024 on CUDA, 500 on the CPU).
-EVAL_BATCH_CUDA = 1024
+EVAL_BATCH_CUDA = CUDA_BATCH  # the evaluator's batch on CUDA
 # A CUDA context in a process of its own (a Ray worker): an allowance, not measured here.
 CUDA_CONTEXT_BYTES = 512 * MIB
 # Copies counted for a method this module has no count for (OTMF's order, the largest known).
