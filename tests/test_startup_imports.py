@@ -1,9 +1,11 @@
-"""The app's start-up imports only what building the page needs (issue 16: ready in ≤ 4 s).
+"""Start-up and the default run import only what they use (issue 16: app ready in ≤ 4 s,
+the default command-line run in ≤ 8 s).
 
 torchvision (and, through it, torch._dynamo: about 1 s of imports on the 2-core CPU) is
-needed only to decode images, open_clip and the transformers it imports only to load a
-backbone, POT only for OTMF: a fresh ``import app`` loads none of them, and the first
-decode, backbone or OTMF step imports them where they are used.
+needed only to decode JPEGs on a GPU; open_clip (about 2 s: torchvision, transformers, timm)
+only for a backbone that is not the plain CLIP (merging.evaluation.clip_model); POT only for
+OTMF. A fresh ``import app`` loads none of them, and neither does a whole default run on the
+mini benchmark.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def test_the_app_imports_no_decoder_backbone_or_method_dependency():
     assert loaded_after("import app") == []
 
 
-def test_the_datasets_module_imports_torchvision_only_to_decode():
+def test_decoding_on_the_cpu_imports_no_torchvision():
     assert loaded_after("import merging.evaluation.datasets") == []
     code = (
         "from PIL import Image\n"
@@ -40,4 +42,17 @@ def test_the_datasets_module_imports_torchvision_only_to_decode():
         "image = preprocess_image(Image.new('RGB', (40, 30)), Preprocess(image_size=16))\n"
         "assert tuple(image.shape) == (3, 16, 16)"
     )
-    assert "torchvision" in loaded_after(code)
+    assert loaded_after(code) == []
+
+
+def test_a_default_run_from_a_cold_cache_imports_neither_open_clip_nor_torchvision(tmp_path):
+    """The default command (``run --preset mini-8 --method opcm``) on an empty cache: the backbone,
+    its tokenizer, the zero-shot heads, decoding, merging and evaluation, all without them."""
+    code = (
+        "import os\n"
+        f"os.environ['MERGING_CACHE'] = {str(tmp_path / 'cache')!r}\n"
+        "from merging.cli.main import main\n"
+        f"assert main(['run', '--preset', 'mini-8', '--method', 'opcm', '--samples', '40', "
+        f"'--out', {str(tmp_path / 'results.json')!r}]) == 0"
+    )
+    assert loaded_after(code) == []

@@ -6,6 +6,11 @@ heads. ``mini`` is the embedded mini benchmark's CLIP, stored in open_clip's Hub
 ``local-dir:PATH`` names any folder in that format, and ``hf-hub:ORG/NAME[@REV]`` a Hub
 repository in it (only its config and safetensors weights are fetched). Weights are read
 with safetensors, never unpickled.
+
+Every backbone of the plain CLIP architecture (all the lab's) is built by
+:mod:`merging.evaluation.clip_model` with :mod:`merging.evaluation.tokenizer`, which equal
+open_clip's bit for bit without importing it (about 2 s); any other configuration is built
+by open_clip.
 """
 
 from __future__ import annotations
@@ -184,9 +189,16 @@ def load_backbone(name: str) -> Backbone:
     return _load_open_clip_folder(name, backbone_directory(name))
 
 
-def _load_open_clip_folder(name: str, directory: Path) -> Backbone:
-    import open_clip
+def _plain_clip(model_cfg: dict[str, Any]) -> tuple[nn.Module, Any] | None:
+    """The lab's own CLIP and tokenizer for a plain configuration (no open_clip import), else None."""
+    from merging.evaluation.clip_model import build_clip, is_plain_config
+    from merging.evaluation.tokenizer import tokenizer_for
 
+    tokenizer = tokenizer_for(model_cfg.get("text_cfg", {})) if is_plain_config(model_cfg) else None
+    return None if tokenizer is None else (build_clip(model_cfg), tokenizer)
+
+
+def _load_open_clip_folder(name: str, directory: Path) -> Backbone:
     config_path = directory / "open_clip_config.json"
     weights_path = directory / "open_clip_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -197,8 +209,14 @@ def _load_open_clip_folder(name: str, directory: Path) -> Backbone:
     config = json.loads(config_path.read_text())
     if config.get("model_cfg") is None:
         raise MergingError(f"backbone {name}: {config_path} has no model_cfg")
-    model = _create_open_clip(f"{LOCAL_DIR}{directory}", load_weights=False)
-    tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{directory}")
+    plain = _plain_clip(config["model_cfg"])
+    if plain is not None:
+        model, tokenizer = plain
+    else:
+        import open_clip
+
+        model = _create_open_clip(f"{LOCAL_DIR}{directory}", load_weights=False)
+        tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{directory}")
     return _assemble(name, model, tokenizer, config, weights_path, _read_weights(name, weights_path))
 
 
@@ -221,15 +239,17 @@ def _load_openai_open_clip(name: str, spec: OpenAIBackbone) -> Backbone:
     pretrained = open_clip.get_pretrained_cfg(spec.open_clip_name, "openai") or {}
     preprocess_cfg = {k: pretrained[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained}
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    model = _create_open_clip(spec.open_clip_name, force_quick_gelu=True, load_weights=False)
-    tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
+    plain = _plain_clip(model_cfg)
+    if plain is not None:
+        model, tokenizer = plain
+    else:
+        model = _create_open_clip(spec.open_clip_name, force_quick_gelu=True, load_weights=False)
+        tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
     return _assemble(name, model, tokenizer, config, weights_path, _read_weights(name, weights_path))
 
 
 def _load_transformers(name: str, spec: OpenAIBackbone | None) -> Backbone:
     """A transformers CLIPModel repository (config.json + model.safetensors), converted to open_clip."""
-    import open_clip
-
     from merging.families.clip_vit.conversion import clip_model_config, hf_clip_to_open_clip
     from merging.io.hub import choose_model_files
 
@@ -254,11 +274,17 @@ def _load_transformers(name: str, spec: OpenAIBackbone | None) -> Backbone:
         raise MergingError(f"backbone {name}: {repo} has no model.safetensors")
     model_cfg = clip_model_config(hf_config)
     config = {"model_cfg": model_cfg, "preprocess_cfg": {}}
-    model = open_clip.model.CLIP(
-        **{k: v for k, v in model_cfg.items() if k != "quick_gelu"}, quick_gelu=model_cfg["quick_gelu"]
-    )
+    plain = _plain_clip(model_cfg)
+    if plain is not None:
+        model, tokenizer = plain
+    else:
+        import open_clip
+
+        model = open_clip.model.CLIP(
+            **{k: v for k, v in model_cfg.items() if k != "quick_gelu"}, quick_gelu=model_cfg["quick_gelu"]
+        )
+        tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
     state = hf_clip_to_open_clip(_read_weights(name, weights_path), hf_config)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
     return _assemble(name, model, tokenizer, config, weights_path, state)
 
 
