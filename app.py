@@ -23,11 +23,13 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a lab that runs offline
 
+from merging.compute.memory import keep_freed_memory
 from merging.compute.threads import limit_spinning
 
 # Before anything imports torch: OpenMP threads of other processes must not spin on our cores
 # (nor ours on theirs); the user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 limit_spinning()
+keep_freed_memory()  # evaluation batches reuse freed memory instead of faulting it in again
 
 from merging.ui import zerogpu
 
