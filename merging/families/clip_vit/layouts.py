@@ -2,7 +2,8 @@
 
 The library works in one canonical layout: the keys of open_clip's ``VisionTransformer``
 (``conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``, ``proj``, ...), because
-evaluation runs through open_clip. Checkpoints come in four layouts:
+evaluation runs through that module (open_clip's, or :mod:`merging.evaluation.clip_model`, which
+has the same names). Checkpoints come in four layouts:
 
 * ``open_clip``: a whole open_clip CLIP state dict, image tower under ``visual.``;
 * ``open_clip_visual``: the image tower's own keys (the canonical layout itself);
