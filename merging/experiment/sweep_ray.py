@@ -91,7 +91,9 @@ def _remote_trial(refs: list[Any], trial: Trial, device: str) -> dict[str, Any]:
     key = refs[0].hex()
     if _WORKER.get("key") != key:
         from merging.compute.devices import resolve_device
+        from merging.compute.memory import keep_freed_memory
 
+        keep_freed_memory()  # a worker process starts outside python -m merging's entry point
         shared = unpack(ray.get(refs[0]))
         _WORKER.clear()
         _WORKER.update(key=key, shared=shared, evaluator=trial_evaluator(shared, resolve_device(device)))
