@@ -92,6 +92,7 @@ def test_the_mini_backbone_is_built_without_open_clip_and_matches_it():
     [
         {"vision_cfg": {"ls_init_value": 1e-5}},
         {"vision_cfg": {"layers": [3, 4, 6, 3]}},
+        {"vision_cfg": {"image_size": [48, 32]}},
         {"vision_cfg": {"timm_model_name": "vit_base_patch32_224"}},
         {"vision_cfg": {"attentional_pool": True}},
         {"vision_cfg": {"pool_type": "avg"}},
@@ -118,6 +119,6 @@ def test_any_other_architecture_is_left_to_open_clip(change):
 
 def test_settings_at_open_clips_defaults_are_still_plain():
     model_cfg = json.loads(json.dumps(SMALL_GELU))
-    model_cfg["vision_cfg"].update(pool_type="tok", patch_dropout=0.0, ls_init_value=None)
+    model_cfg["vision_cfg"].update(pool_type="tok", patch_dropout=0.0, ls_init_value=None, image_size=[48, 48])
     model_cfg["text_cfg"].update(pool_type="argmax", proj_type="linear", embed_cls=False)
     assert is_plain_config(model_cfg)

@@ -75,8 +75,9 @@ _MODEL_KEYS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
 def is_plain_config(model_cfg: Mapping[str, Any]) -> bool:
     """Whether an open_clip model config is the plain CLIP this module builds.
 
-    Plain: a ViT image tower (integer depth, learnt positional embedding, class-token pooling,
-    LayerNorm before and after, no layer scale) and open_clip's own causal text transformer
+    Plain: a ViT image tower (integer depth, square images and patches, learnt positional
+    embedding, class-token pooling, LayerNorm before and after, no layer scale) and open_clip's
+    own causal text transformer
     (argmax pooling, a linear projection without bias), with every other setting at open_clip's
     default. Anything else goes to open_clip.
     """
@@ -85,6 +86,9 @@ def is_plain_config(model_cfg: Mapping[str, Any]) -> bool:
         return False
     if not isinstance(vision.get("layers", 12), int) or model_cfg.get("embed_dim") is None:
         return False
+    for size in (vision.get("image_size", 224), vision.get("patch_size", 16)):
+        if isinstance(size, (list, tuple)) and len(set(size)) != 1:  # a non-square grid
+            return False
     for cfg, sizes, defaults in ((vision, _VISION_SIZES, _VISION_DEFAULTS), (text, _TEXT_SIZES, _TEXT_DEFAULTS)):
         for key, value in cfg.items():
             if key not in sizes and (key not in defaults or value != defaults[key]):
