@@ -77,9 +77,8 @@ def is_plain_config(model_cfg: Mapping[str, Any]) -> bool:
 
     Plain: a ViT image tower (integer depth, square images and patches, learnt positional
     embedding, class-token pooling, LayerNorm before and after, no layer scale) and open_clip's
-    own causal text transformer
-    (argmax pooling, a linear projection without bias), with every other setting at open_clip's
-    default. Anything else goes to open_clip.
+    own causal text transformer (argmax pooling, a linear projection without bias), with every
+    other setting at open_clip's default. Anything else goes to open_clip.
     """
     vision, text = model_cfg.get("vision_cfg"), model_cfg.get("text_cfg")
     if set(model_cfg) - _MODEL_KEYS or not isinstance(vision, Mapping) or not isinstance(text, Mapping):
