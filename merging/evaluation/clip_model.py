@@ -21,51 +21,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# open_clip's defaults for the settings this module implements
-_VISION_DEFAULTS: dict[str, Any] = {
+# open_clip's defaults for the settings this module implements; any other value is not plain
+_BLOCK_DEFAULTS: dict[str, Any] = {  # settings both towers' blocks share
     "ls_init_value": None,
+    "final_ln_after_pool": False,
+    "output_tokens": False,
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "block_type": None,
+    **dict.fromkeys(
+        ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"), False
+    ),
+}
+_VISION_DEFAULTS: dict[str, Any] = {
+    **_BLOCK_DEFAULTS,
     "patch_dropout": 0.0,
     "attentional_pool": False,
     "no_ln_pre": False,
     "pos_embed_type": "learnable",
-    "final_ln_after_pool": False,
     "pool_type": "tok",
-    "output_tokens": False,
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
     "timm_model_name": None,
 }
 _VISION_SIZES = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
 _TEXT_DEFAULTS: dict[str, Any] = {
+    **_BLOCK_DEFAULTS,
     "hf_tokenizer_name": None,
     "tokenizer_mode": None,
     "tokenizer_kwargs": None,
-    "ls_init_value": None,
     "embed_cls": False,
     "pad_id": 0,
     "eos_id": 2,
     "no_causal_mask": False,
-    "final_ln_after_pool": False,
     "pool_type": "argmax",
     "proj_bias": False,
     "proj_type": "linear",
-    "output_tokens": False,
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
     "hf_model_name": None,
 }
 _TEXT_SIZES = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
