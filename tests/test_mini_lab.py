@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.minibench.lab import DEFAULT_RECIPE, finetune, parse_recipe, recipe_name, spectral_accumulation
+from scripts.minibench.lab import (
+    DEFAULT_RECIPE,
+    finetune,
+    parse_recipe,
+    recipe_name,
+    spectral_accumulation,
+    upsampled,
+)
 
 BLOCK = "transformer.resblocks.0."
 
@@ -72,3 +79,14 @@ def test_finetune_takes_exactly_the_steps_asked_for_leaves_the_projection_and_ke
     assert len(steps) == 7  # 2.5 batches per pass over the 10 images: the loop stops mid-pass
     assert seen == [1e-3] * 7
     assert torch.equal(tower.proj, proj)
+
+
+def test_upsampling_from_low_resolution_keeps_the_shape_and_loses_only_fine_detail():
+    rows = torch.arange(32).view(1, 1, 32, 1).expand(2, 3, 32, 32)
+    checker = ((rows + rows.transpose(2, 3)) % 2 * 255).to(torch.uint8)  # the finest detail there is
+    ramp = (rows * 8).to(torch.uint8)  # coarse: a slow gradient
+    assert torch.equal(upsampled(checker, 32), checker)  # captured at full size: unchanged
+    blurred = upsampled(checker, 16)
+    assert blurred.shape == checker.shape and blurred.dtype == torch.uint8
+    assert blurred.float().std() < 5 < checker.float().std()  # the checkerboard averages out to grey
+    assert (upsampled(ramp, 16).float() - ramp.float()).abs()[..., 2:-2, :].max() <= 8  # the gradient stays

@@ -103,6 +103,20 @@ def tune_split(task: str, seed: int, size: int, cache: Path) -> tuple[Tensor, np
     return tensor, labels
 
 
+# Mirrors of the real benchmark's low-resolution tasks (EuroSAT 64 px, SVHN and GTSRB about 32 px,
+# MNIST 28 px), whose images real fine-tunes see upsampled to 224 px.
+LOW_RESOLUTION = ("mini-land-cover", "mini-house-numbers", "mini-traffic-signs", "mini-digits")
+
+
+def upsampled(images: Tensor, size: int) -> Tensor:
+    """uint8 N×3×32×32 images as if captured at ``size`` pixels and upsampled back (bicubic), the
+    way real low-resolution benchmarks reach CLIP's input size."""
+    full = images.shape[-1]
+    small = F.interpolate(images.float(), size=(size, size), mode="area")
+    back = F.interpolate(small, size=(full, full), mode="bicubic", align_corners=False)
+    return back.round().clamp(0, 255).to(torch.uint8)
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -185,15 +199,20 @@ def finetune(visual, head: Tensor, logit_scale: float, images: Tensor, labels: n
 class Bench:
     """The mini-8 tasks' test splits and heads in memory, and one image tower to evaluate states with."""
 
-    def __init__(self, tasks: Sequence[str], base: Path = MINI / "base"):
+    def __init__(self, tasks: Sequence[str], base: Path = MINI / "base", degrade: Mapping[str, int] | None = None):
         self.model, self.tokenizer = load_base(base)
         self.tasks = list(tasks)
+        self.degrade = dict(degrade or {})
         specs = {spec.name: spec for spec in TASKS}
         self.heads = {t: build.zeroshot_head(self.model, self.tokenizer, specs[t]) for t in self.tasks}
-        self.tests = {t: load_split(t, "test") for t in self.tasks}
+        self.tests = {t: self.seen(t, *load_split(t, "test")) for t in self.tasks}
         self.inputs = {t: build.normalise(images) for t, (images, _) in self.tests.items()}
         self.pretrained = {k: v.detach().clone() for k, v in self.model.visual.state_dict().items()}
         self.logit_scale = float(self.model.logit_scale.exp())
+
+    def seen(self, task: str, images: Tensor, labels: np.ndarray) -> tuple[Tensor, np.ndarray]:
+        """A split as the bench shows it: upsampled from low resolution for the tasks ``--degrade`` names."""
+        return (upsampled(images, self.degrade[task]) if task in self.degrade else images), labels
 
     @torch.no_grad()
     def accuracies(self, state: Mapping[str, Tensor]) -> dict[str, float]:
@@ -333,6 +352,13 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--width", type=int, default=96, help="image-tower width of a newly pretrained base")
     parser.add_argument("--layers", type=int, default=4, help="image-tower blocks of a newly pretrained base")
+    parser.add_argument(
+        "--degrade",
+        type=int,
+        default=0,
+        help="show the low-resolution mirrors (" + ", ".join(LOW_RESOLUTION) + ") captured at this many pixels "
+        "and upsampled back, in fine-tuning and test images (0: as shipped)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -344,11 +370,14 @@ def main() -> None:
         base = pretrained_base(
             args.cache, args.seed, args.pretrain_logit_scale, args.pretrain_epochs, 0.3, args.width, args.layers
         )
-    bench = Bench(build.MINI_8, base)
+    degrade = dict.fromkeys(LOW_RESOLUTION, args.degrade) if args.degrade else {}
+    bench = Bench(build.MINI_8, base, degrade)
     recipe = parse_recipe(args.recipe)
     name = "shipped" if args.shipped else recipe_name(recipe)
     if base != MINI / "base":
         name = f"{base.name}+{name}"
+    if degrade:
+        name = f"{name}+upsampled-from-{args.degrade}"
     models: dict[str, dict[str, Tensor]] = {}
     for task in bench.tasks:
         if args.shipped:
@@ -361,7 +390,7 @@ def main() -> None:
         import copy
 
         index = next(i for i, spec in enumerate(TASKS) if spec.name == task)
-        images, labels = tune_split(task, args.seed, int(recipe["images"]), args.cache)
+        images, labels = bench.seen(task, *tune_split(task, args.seed, int(recipe["images"]), args.cache))
         visual = copy.deepcopy(bench.model.visual)
         torch.manual_seed(args.seed * 1000 + index)
         finetune(visual, bench.heads[task], bench.logit_scale, images, labels, recipe, args.seed + index)
