@@ -2,6 +2,8 @@
 
     python benchmarks/sweep.py [--orders 10] [--samples 500] [--workers N] [--skip-sequential]
     python benchmarks/sweep.py --scaling [--orders 4] [--methods opcm,task_arithmetic] [--ray]
+    (either form: [--device auto|cpu|cuda], passed to every command; on a GPU machine, the
+    sweep on one GPU and, with --scaling, its scaling from one to two workers)
 
 Default: mini-8 × the papers' ten orders × the six classic methods (opcm, otmf, task_arithmetic,
 weight_average, ties, magmax) at their default options, as one ``python -m merging sweep``
@@ -59,8 +61,9 @@ def step_work(out: Path) -> tuple[float, int]:
     return total, steps
 
 
-def sweep_args(methods: list[str], orders: int, samples: int, out: Path) -> list[str]:
+def sweep_args(methods: list[str], orders: int, samples: int, out: Path, device: str) -> list[str]:
     args = ["sweep", "--preset", "mini-8", "--order-seeds", f"42-{41 + orders}", "--samples", str(samples)]
+    args += ["--device", device]
     for method in methods:
         args += ["--method", method]
     return [*args, "--out", str(out)]
@@ -69,7 +72,9 @@ def sweep_args(methods: list[str], orders: int, samples: int, out: Path) -> list
 def headline(args: argparse.Namespace, env: dict[str, str], work: Path) -> None:
     methods = list(CLASSIC)
     workers = ["--workers", str(args.workers)] if args.workers else []
-    sweep_seconds, _ = command(*sweep_args(methods, args.orders, args.samples, work / "sweep"), *workers, env=env)
+    sweep_seconds, _ = command(
+        *sweep_args(methods, args.orders, args.samples, work / "sweep", args.device), *workers, env=env
+    )
     print(f"sweep, {args.orders} orders x {len(methods)} methods: {sweep_seconds:.1f} s ({load()})", flush=True)
     total, steps = step_work(work / "sweep")
     print(f"  W = {total:.1f} s of merge + eval over {steps} steps", flush=True)
@@ -81,6 +86,7 @@ def headline(args: argparse.Namespace, env: dict[str, str], work: Path) -> None:
     for seed in range(42, 42 + args.orders):
         out = work / f"run-{seed}.json"
         run_args = ["run", "--preset", "mini-8", "--order-seed", str(seed), "--samples", str(args.samples)]
+        run_args += ["--device", args.device]
         for method in methods:
             run_args += ["--method", method]
         seconds, _ = command(*run_args, "--out", str(out), env=env)
@@ -107,7 +113,7 @@ def scaling(args: argparse.Namespace, env: dict[str, str], work: Path) -> None:
         for workers in (1, 2):
             out = work / f"{backend}-{workers}"
             extra = ["--workers", str(workers), "--backend", backend]
-            seconds, _ = command(*sweep_args(methods, args.orders, args.samples, out), *extra, env=env)
+            seconds, _ = command(*sweep_args(methods, args.orders, args.samples, out, args.device), *extra, env=env)
             total, steps = step_work(out)
             rows.append((workers, seconds, total, steps))
             print(
@@ -133,12 +139,14 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="check the cost model at 1 and 2 workers")
     parser.add_argument("--methods", default="opcm,task_arithmetic,weight_average", help="with --scaling")
     parser.add_argument("--ray", action="store_true", help="with --scaling: also the Ray backend")
+    parser.add_argument("--device", default="auto", help="every command's --device (auto, cpu, cuda)")
     args = parser.parse_args()
     args.orders = args.orders or (4 if args.scaling else 10)
     with tempfile.TemporaryDirectory(prefix="sweep-benchmark-") as folder:
         work = Path(folder)
         env = {**os.environ, "MERGING_CACHE": str(work / "cache"), "PYTHONPATH": str(ROOT)}
         warm = ["run", "--preset", "mini-8", "--method", "otmf", "--samples", str(args.samples)]
+        warm += ["--device", args.device]
         seconds, _ = command(*warm, "--out", str(work / "warm.json"), env=env)  # images (test and train), heads, refs
         print(f"warm-up (untimed in the comparison): {seconds:.1f} s", flush=True)
         (scaling if args.scaling else headline)(args, env, work)
