@@ -9,8 +9,11 @@ from pathlib import Path
 
 import torch
 
+from merging.compute.memory import keep_freed_memory
 from merging.families.clip_vit.architecture import VisionArch
 from merging.families.clip_vit.matrices import is_matrix
+
+keep_freed_memory()  # the malloc settings python -m merging and app.py apply, so timings match theirs
 
 VIT_B_32 = VisionArch(width=768, layers=12, heads=12, mlp_width=3072, patch_size=32, image_size=224, output_dim=512)
 

@@ -34,8 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import merging.experiment.runner
+from merging.compute.memory import keep_freed_memory
 from merging.compute.threads import usable_cores
 from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
+
+keep_freed_memory()  # as the app, whose concurrent runs this times, does at start-up
 
 RATIO_TARGET = 2.3
 

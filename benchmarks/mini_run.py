@@ -18,9 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merging.compute.memory import keep_freed_memory
 from merging.evaluation.backbones import load_backbone
 from merging.evaluation.evaluator import Evaluator
 from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
+
+keep_freed_memory()  # as the app, whose runs this times, does at start-up
 
 FIRST_STEP_TARGET = 3.0
 TOTAL_TARGET = 15.0
