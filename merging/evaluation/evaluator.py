@@ -25,9 +25,10 @@ DEFAULT_SAMPLES = 500
 CUDA_BATCH = 1024
 # On the CPU a batch of about this many tokens keeps a block's activations in cache: measured
 # on 2 cores, the mini tower runs 500 images 1.15-1.6x faster (one thread) in batches of 120
-# than in one batch of 500, and ViT-B/32 1.3x faster in batches of 32 than 128. The features
-# are the same bit for bit in batches of 7, 64, 120, 250 or 500 mini images
-# (tests/test_eval_batches.py); only a batch of a single image differed, by 1e-7.
+# than in one batch of 500, and ViT-B/32 1.3x faster in batches of 32 than 128. A batch's
+# matrix products may take another kernel or thread split, so features can move in the last
+# bits (about 1e-7) with the batch size; no accuracy of the mini benchmark did
+# (tests/test_eval_batches.py; every accuracy of a mini-12 run of five methods was unchanged).
 CPU_TOKENS_PER_BATCH = 2048
 
 
