@@ -187,7 +187,17 @@ def test_ctrl_c_keeps_the_finished_trials(tmp_path):
     command = [sys.executable, "-m", "merging", "sweep", *THREE, "--method", "opcm"]
     command += ["--order-seeds", "42-51", "--samples", SAMPLES, "--workers", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        # a suite started in the background (``cmd &``) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the sweep the default disposition, as a terminal does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         for line in process.stdout:
             if line.startswith("[1/10]"):
