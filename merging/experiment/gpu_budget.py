@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merging.errors import MergingError
-from merging.evaluation.evaluator import CUDA_BATCH
+from merging.evaluation.evaluator import CUDA_BATCH  # the evaluator's batch on CUDA
 
 if TYPE_CHECKING:
     from merging.evaluation.backbones import Backbone
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
 GIB = 1 << 30
 MIB = 1 << 20
 DEFAULT_FRACTION = 0.9
-EVAL_BATCH_CUDA = CUDA_BATCH  # the evaluator's batch on CUDA
 # A CUDA context in a process of its own (a Ray worker): an allowance, not measured here.
 CUDA_CONTEXT_BYTES = 512 * MIB
 # Copies counted for a method this module has no count for (OTMF's order, the largest known).
@@ -303,8 +302,8 @@ def estimate_trial(trial: Trial, shared: SharedInputs, own_process: bool = False
         work = dop_work_bytes(shapes)
 
     size, tokens = arch.image_size, (arch.image_size // arch.patch_size) ** 2 + 1
-    largest = max((s.images.shape[0] for s in shared.images.values()), default=EVAL_BATCH_CUDA)
-    batch = min(EVAL_BATCH_CUDA, max(1, largest))
+    largest = max((s.images.shape[0] for s in shared.images.values()), default=CUDA_BATCH)
+    batch = min(CUDA_BATCH, max(1, largest))
     per_image = eval_bytes_per_image(size, tokens, arch.width, arch.mlp_width, arch.heads)
     parts = {
         f"for {copies.count} encoder copies of {gib(encoder)} ({copies.what})": copies.count * encoder,
