@@ -10,8 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.evaluation.backbones import MINI, load_backbone
-from merging.evaluation.evaluator import CPU_TOKENS_PER_BATCH, CUDA_BATCH, Evaluator, default_batch_size
+from merging.evaluation.backbones import MINI, Backbone, Preprocess, load_backbone
+from merging.evaluation.evaluator import (
+    CPU_BATCH_WITHOUT_TOKENS,
+    CPU_TOKENS_PER_BATCH,
+    CUDA_BATCH,
+    Evaluator,
+    default_batch_size,
+)
 from merging.evaluation.tasks import registry
 
 
@@ -22,6 +28,16 @@ def test_cpu_batches_hold_about_the_token_budget_and_cuda_batches_are_large():
     assert default_batch_size(cpu, 257) == 7  # ViT-L/14
     assert default_batch_size(cpu, 10_000) == 1  # never zero
     assert default_batch_size(torch.device("cuda"), 17) == CUDA_BATCH
+
+
+def test_a_tower_without_patch_tokens_gets_a_batch_too(tmp_path):
+    """open_clip builds towers other than ViTs (a ResNet has no positional embedding): the
+    evaluator still starts, so that whatever is wrong with using them is said where it is."""
+    model = torch.nn.Module()
+    model.visual = torch.nn.Conv2d(3, 4, 3)
+    backbone = Backbone("resnet-like", model, None, Preprocess(32), "fingerprint")
+    assert default_batch_size(torch.device("cpu"), None) == CPU_BATCH_WITHOUT_TOKENS
+    assert Evaluator(backbone, "cpu", cache_dir=tmp_path).batch_size == CPU_BATCH_WITHOUT_TOKENS
 
 
 @pytest.mark.parametrize("threads", [1, 2])

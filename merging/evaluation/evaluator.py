@@ -32,10 +32,16 @@ CUDA_BATCH = 1024
 CPU_TOKENS_PER_BATCH = 2048
 
 
-def default_batch_size(device: torch.device, tokens: int) -> int:
-    """Images per evaluation batch: large on CUDA, about CPU_TOKENS_PER_BATCH tokens on the CPU."""
+CPU_BATCH_WITHOUT_TOKENS = 500  # images, for an image tower that has no patch tokens (not a ViT)
+
+
+def default_batch_size(device: torch.device, tokens: int | None) -> int:
+    """Images per evaluation batch: large on CUDA, about CPU_TOKENS_PER_BATCH tokens on the CPU
+    (``tokens``: the tower's tokens per image; None for a tower without them)."""
     if device.type == "cuda":
         return CUDA_BATCH
+    if tokens is None:
+        return CPU_BATCH_WITHOUT_TOKENS
     return max(1, CPU_TOKENS_PER_BATCH // max(1, tokens))
 
 
@@ -55,7 +61,8 @@ class Evaluator:
         self.images = ImageCache(directory, self.device)
         self.heads = HeadCache(directory)
         self.visual = copy.deepcopy(backbone.model.visual).to(self.device).eval()
-        tokens = int(self.visual.positional_embedding.shape[0])
+        embedding = getattr(self.visual, "positional_embedding", None)  # a ViT's tokens; other towers lack it
+        tokens = None if embedding is None else int(embedding.shape[0])
         self.batch_size = batch_size or default_batch_size(self.device, tokens)
         for parameter in self.visual.parameters():
             parameter.requires_grad_(False)
