@@ -73,7 +73,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for tuned in (False, True):
                 result = measure(threads, tuned)
-                assert result["tuned"] == tuned or not tuned, "the tuning did not apply (not glibc?)"
+                assert result["tuned"] or not tuned, "the tuning did not apply (not glibc?)"
                 seconds[tuned].append(result["seconds"])
                 digests.add(result["digest"])
         base, tuned = statistics.median(seconds[False]), statistics.median(seconds[True])

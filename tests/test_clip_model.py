@@ -33,8 +33,8 @@ def pair(model_cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
         for parameter in reference.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
     ours = build_clip(model_cfg)
-    missing, unexpected = ours.load_state_dict(reference.state_dict(), strict=True), None
-    assert not missing.missing_keys and not missing.unexpected_keys and unexpected is None
+    loaded = ours.load_state_dict(reference.state_dict(), strict=True)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
     return reference, ours
 
 
