@@ -11,9 +11,12 @@ from torch import nn
 
 from scripts.minibench.lab import (
     DEFAULT_RECIPE,
+    ISOTROPIC_SCALES,
     finetune,
+    isotropic,
     parse_recipe,
     recipe_name,
+    scale_only,
     spectral_accumulation,
     upsampled,
 )
@@ -90,3 +93,59 @@ def test_upsampling_from_low_resolution_keeps_the_shape_and_loses_only_fine_deta
     assert blurred.shape == checker.shape and blurred.dtype == torch.uint8
     assert blurred.float().std() < 5 < checker.float().std()  # the checkerboard averages out to grey
     assert (upsampled(ramp, 16).float() - ramp.float()).abs()[..., 2:-2, :].max() <= 8  # the gradient stays
+
+
+class _RecordingBench:
+    """Stands in for the bench: remembers every state it is asked about and scores it with ``score``."""
+
+    def __init__(self, score):
+        self.score, self.states = score, []
+
+    def accuracies(self, state):
+        self.states.append({k: v.clone() for k, v in state.items()})
+        return {"task": self.score(state)}
+
+
+def _orthogonal_tasks(t: int, m: int = 12, n: int = 8, other: float = 1.0):
+    eye_m, eye_n = torch.eye(m), torch.eye(n)
+    pre = _state(torch.zeros(m, n))
+    tasks = []
+    for i in range(t):
+        task = _state(torch.outer(eye_m[i], eye_n[i]) * (i + 1))
+        task[BLOCK + "ln_1.weight"] = pre[BLOCK + "ln_1.weight"] + other * eye_n[i]
+        tasks.append(task)
+    return pre, tasks
+
+
+def test_scale_only_is_the_task_vectors_sum_rescaled_to_their_mean_norm_as_opcm_rescales():
+    pre, tasks = _orthogonal_tasks(4)
+    bench = _RecordingBench(lambda state: 0.5)
+    result = scale_only(bench, pre, tasks, normalised=lambda acc: 2 * acc)
+    norms = [math.sqrt((i + 1) ** 2 + 1) for i in range(4)]
+    total = math.sqrt(sum(n * n for n in norms))  # orthogonal task vectors: the sum's norm adds in squares
+    assert result["coefficient"] == pytest.approx(np.mean(norms) / total)
+    (state,) = bench.states
+    summed = sum(task[BLOCK + "mlp.c_fc.weight"] for task in tasks)
+    assert torch.allclose(state[BLOCK + "mlp.c_fc.weight"], result["coefficient"] * summed)
+    assert result["acc"] == 0.5 and result["normalised"] == 1.0
+
+
+def test_isotropic_flattens_every_matrix_of_the_sum_to_its_mean_singular_value_and_keeps_the_best_scale():
+    pre, tasks = _orthogonal_tasks(4)
+    # the sum's spectrum: the four tasks' scales and four zeros (8 = the smaller side); Iso-C takes the
+    # mean over all of them and spreads it over every direction, as its authors' code does
+    mean_singular = sum([1, 2, 3, 4]) / 8
+
+    def closeness_to_unit_scale(state):  # the best score where the flat spectrum is exactly the mean (α = 1)
+        top = torch.linalg.matrix_norm(state[BLOCK + "mlp.c_fc.weight"], ord=2)
+        return -abs(float(top) - mean_singular)
+
+    bench = _RecordingBench(closeness_to_unit_scale)
+    result = isotropic(bench, pre, tasks, normalised=lambda acc: acc)
+    assert result["alpha"] == 1.0 and len(bench.states) == len(ISOTROPIC_SCALES)
+    coefficient = scale_only(_RecordingBench(lambda s: 0.0), pre, tasks, normalised=lambda a: a)["coefficient"]
+    for alpha, state in zip(ISOTROPIC_SCALES, bench.states, strict=True):
+        singular = torch.linalg.svdvals(state[BLOCK + "mlp.c_fc.weight"])
+        assert torch.allclose(singular, torch.full((8,), alpha * mean_singular))  # flat
+        # the other parameters are summed at the scale-only coefficient, untouched by the flattening
+        assert torch.allclose(state[BLOCK + "ln_1.weight"], 1 + coefficient * torch.tensor([1.0] * 4 + [0.0] * 4))

@@ -198,14 +198,15 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ models
 
 
-def model_config(width: int = 96, layers: int = 4) -> dict:
-    """MODEL_CONFIG with another image-tower width and depth (heads stay 16 wide).
+def model_config(width: int = 96, layers: int = 4, embed_dim: int = 64) -> dict:
+    """MODEL_CONFIG with another image-tower width and depth (heads stay 16 wide) and embedding size.
 
     The width sets how much room the fine-tunes have: a task matrix of the default tower uses
     a quarter to a half of its 96 directions (``scripts/minibench/diagnose.py``).
     """
     config = json.loads(json.dumps(MODEL_CONFIG))
     config["model_cfg"]["vision_cfg"].update(width=width, layers=layers)
+    config["model_cfg"]["embed_dim"] = embed_dim
     return config
 
 
