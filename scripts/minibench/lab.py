@@ -287,9 +287,7 @@ def scale_only(bench: Bench, pretrained: Mapping[str, Tensor], models: Sequence[
     projected away that is task arithmetic at 1/λ(T) (about 1/√T for nearly orthogonal
     vectors). OPCM minus this is what the projection itself contributes.
     """
-    total = {k: sum(m[k] - pretrained[k] for m in models) for k in pretrained}
-    mean_norm = float(np.mean([_norm({k: m[k] - pretrained[k] for k in pretrained}) for m in models]))
-    coefficient = mean_norm / _norm(total)
+    total, coefficient = _rescaled_sum(pretrained, models)
     state = {k: pretrained[k] + coefficient * total[k] for k in pretrained}
     acc = float(np.mean(list(bench.accuracies(state).values())))
     return {"coefficient": coefficient, "acc": acc, "normalised": normalised(acc)}
@@ -310,8 +308,7 @@ def isotropic(bench: Bench, pretrained: Mapping[str, Tensor], models: Sequence[M
     """
     from merging.families.clip_vit.matrices import matrix_views
 
-    total = {k: sum(m[k] - pretrained[k] for m in models) for k in pretrained}
-    coefficient = float(np.mean([_norm({k: m[k] - pretrained[k] for k in pretrained}) for m in models])) / _norm(total)
+    total, coefficient = _rescaled_sum(pretrained, models)
     best: dict = {}
     for alpha in ISOTROPIC_SCALES:
         state = {k: pretrained[k] + coefficient * total[k] for k in pretrained}
@@ -324,6 +321,13 @@ def isotropic(bench: Bench, pretrained: Mapping[str, Tensor], models: Sequence[M
         if not best or acc > best["acc"]:
             best = {"alpha": alpha, "acc": acc, "normalised": normalised(acc)}
     return best
+
+
+def _rescaled_sum(pretrained: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]):
+    """Σ τ_t, and the coefficient that brings it to the mean task-vector norm (OPCM's 1/λ(T))."""
+    total = {k: sum(m[k] - pretrained[k] for m in models) for k in pretrained}
+    mean_norm = float(np.mean([_norm({k: m[k] - pretrained[k] for k in pretrained}) for m in models]))
+    return total, mean_norm / _norm(total)
 
 
 def _norm(state: Mapping[str, Tensor]) -> float:
