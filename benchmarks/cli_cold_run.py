@@ -21,10 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.sweep import command, load  # noqa: E402 (after the checkout is importable)
+
 COLD_TARGET = 8.0
 RUN = ("run", "--preset", "mini-8", "--method", "opcm")
 
@@ -32,20 +35,11 @@ RUN = ("run", "--preset", "mini-8", "--method", "opcm")
 def timed(checkout: Path, args: tuple[str, ...], cache: Path, out: Path) -> tuple[float, str]:
     """Seconds from command to exit of ``python -m merging ARGS`` in ``checkout``, and the result line."""
     env = {**os.environ, "MERGING_CACHE": str(cache)}
-    command = [sys.executable, "-m", "merging", *args]
     if args[:1] == ("run",):
-        command += ["--out", str(out)]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} in {checkout} failed:\n{done.stderr}")
-    result = next((line for line in done.stdout.splitlines() if line.strip().startswith("opcm")), "")
+        args = (*args, "--out", str(out))
+    seconds, stdout = command(*args, env=env, checkout=checkout)
+    result = next((line for line in stdout.splitlines() if line.strip().startswith("opcm")), "")
     return seconds, " ".join(result.split())
-
-
-def load() -> str:
-    return "load " + "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> None:

@@ -36,13 +36,15 @@ CLASSIC = ("opcm", "otmf", "task_arithmetic", "weight_average", "ties", "magmax"
 TARGET_SECONDS = 240.0
 
 
-def command(*args: str, env: dict[str, str]) -> tuple[float, str]:
-    """Run ``python -m merging ARGS`` from the checkout; its wall time (imports included) and stdout."""
+def command(*args: str, env: dict[str, str], checkout: Path = ROOT) -> tuple[float, str]:
+    """Run ``python -m merging ARGS`` in ``checkout``; its wall time (imports included) and stdout."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "merging", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "merging", *args], cwd=checkout, env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"python -m merging {' '.join(args)} failed:\n{done.stderr}")
+        raise SystemExit(f"python -m merging {' '.join(args)} in {checkout} failed:\n{done.stderr}")
     return seconds, done.stdout
 
 
