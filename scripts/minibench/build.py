@@ -121,12 +121,20 @@ def drawer(spec: TaskSpec, pool: np.ndarray | None):
     return spec.draw
 
 
-def draw_split(spec: TaskSpec, domain: str, size: int, seed: int, pool: np.ndarray | None = None):
+def draw_split(
+    spec: TaskSpec,
+    domain: str,
+    size: int,
+    seed: int,
+    pool: np.ndarray | None = None,
+    task_style: float = TASK_STYLE_IN_PRETRAINING,
+):
     """``size`` images with balanced, shuffled labels, from a generator seeded by ``seed``.
 
     Every image goes through the JPEG round trip it gets when stored, so what the models
     train on looks exactly like what the benchmark ships. In the ``web`` domain a share of
-    the images is drawn in the task's own style, as some web images resemble a benchmark.
+    the images (``task_style``) is drawn in the task's own style, as some web images resemble a
+    benchmark.
     """
     rng = np.random.default_rng(seed)
     labels = np.arange(size) % len(spec.classnames)
@@ -134,7 +142,7 @@ def draw_split(spec: TaskSpec, domain: str, size: int, seed: int, pool: np.ndarr
     draw = drawer(spec, pool)
     images = []
     for label in labels:
-        style = "task" if domain == "web" and rng.random() < TASK_STYLE_IN_PRETRAINING else domain
+        style = "task" if domain == "web" and rng.random() < task_style else domain
         image = draw(rng, int(label), style)
         if domain == "task":  # the benchmark's own images, captured at the task's resolution
             image = acquire(image, spec.native)
@@ -152,7 +160,7 @@ def jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def draw_task(index: int, seed: int, noise: float):
+def draw_task(index: int, seed: int, noise: float, task_style: float = TASK_STYLE_IN_PRETRAINING):
     """All images of task ``index``: test, train, fine-tuning, and captioned pretraining images.
 
     Every split has its own seeded generator, so the result does not depend on which worker
@@ -168,7 +176,8 @@ def draw_task(index: int, seed: int, noise: float):
     train_size = TRAIN_PER_CLASS * len(spec.classnames)
     train = draw_split(spec, "task", train_size, seed * 1000 + index * 10 + 2, pool("train"))
     tune = draw_split(spec, "task", FINETUNE_SIZE, seed * 1000 + index * 10 + 3, pool("train"))
-    web_images, web_labels = draw_split(spec, "web", PRETRAIN_PER_TASK, seed * 1000 + index * 10 + 4, pool("train"))
+    web_seed = seed * 1000 + index * 10 + 4
+    web_images, web_labels = draw_split(spec, "web", PRETRAIN_PER_TASK, web_seed, pool("train"), task_style)
     rng = np.random.default_rng(seed * 1000 + index * 10 + 5)
     templates = spec.templates + GENERIC_CAPTIONS
     captions = []

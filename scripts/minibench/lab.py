@@ -166,9 +166,8 @@ def pretrained_base(
 
     from safetensors.torch import save_file
 
-    build.TASK_STYLE_IN_PRETRAINING = task_style  # read by draw_split in the forked workers
     with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
-        drawn = pool.starmap(build.draw_task, [(index, seed, noise) for index in range(len(TASKS))])
+        drawn = pool.starmap(build.draw_task, [(index, seed, noise, task_style) for index in range(len(TASKS))])
     corpus = []
     for spec, (_, _, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
         corpus.append((build.as_tensor(web_images), captions))
