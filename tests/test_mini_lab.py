@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from scripts.minibench import build
+from scripts.minibench.build import describe_recipe, finetune
 from scripts.minibench.lab import (
     DEFAULT_RECIPE,
     ISOTROPIC_SCALES,
-    finetune,
     isotropic,
     parse_recipe,
     recipe_name,
@@ -32,6 +33,20 @@ def test_a_recipe_overrides_only_the_keys_given_with_their_types_and_names_itsel
     assert recipe_name(parse_recipe("")) == "default"
     with pytest.raises(SystemExit, match="unknown recipe key 'momentum'"):
         parse_recipe("momentum=0.9")
+    with pytest.raises(SystemExit, match="unknown schedule 'linear'"):
+        parse_recipe("schedule=linear")
+
+
+def test_the_builds_default_recipe_is_the_shipped_one_and_each_recipe_describes_itself():
+    default = build.parse_recipe("")
+    assert default == build.FINETUNE_RECIPE and "images" not in default
+    assert float(default["wd_per_step"]) / float(default["lr"]) == build.FINETUNE_WEIGHT_DECAY
+    assert describe_recipe(default) == (
+        "AdamW, one-cycle lr 0.0002, 10 epochs in batches of 128, weight decay 0.005 (lr · wd = 1e-06 per step, "
+        "as in the real recipe)"
+    )
+    fusionbench = build.parse_recipe("schedule=constant,steps=4000,batch=32,wd_per_step=0")
+    assert describe_recipe(fusionbench) == "AdamW, constant lr 0.0002, 4,000 steps of 32, no weight decay"
 
 
 def _state(c_fc: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,6 +97,35 @@ def test_finetune_takes_exactly_the_steps_asked_for_leaves_the_projection_and_ke
     assert len(steps) == 7  # 2.5 batches per pass over the 10 images: the loop stops mid-pass
     assert seen == [1e-3] * 7
     assert torch.equal(tower.proj, proj)
+
+
+def test_finetune_with_the_default_recipe_runs_the_shipped_one_cycle_over_whole_epochs_with_the_shipped_decay():
+    torch.manual_seed(0)
+    tower = _Tower()
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    labels = np.arange(300) % 2
+    head = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    rates, decays = [], []
+    optimiser_step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        decays.append(self.param_groups[0]["weight_decay"])
+        return optimiser_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", counted)
+        finetune(tower, head, 20.0, images, labels, build.parse_recipe("epochs=2"), seed=0)
+    steps = 2 * math.ceil(300 / 128)
+    reference = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=build.FINETUNE_LR)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(reference, build.FINETUNE_LR, total_steps=steps, pct_start=0.1)
+    expected = []
+    for _ in range(steps):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        one_cycle.step()
+    assert rates == expected and len(rates) == steps
+    assert set(decays) == {build.FINETUNE_WEIGHT_DECAY}
 
 
 def test_upsampling_from_low_resolution_keeps_the_shape_and_loses_only_fine_detail():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,13 @@ from merging.evaluation.evaluator import Evaluator
 from merging.experiment.runner import ContinualRun, RunConfig, preset_checkpoints
 from merging.families.clip_vit.matrices import matrix_views
 from merging.methods import METHODS
+from scripts.minibench import build
 from scripts.minibench.report import (
     ORDERS_VARIABLE,
     OTMF_VARIANTS,
     OrderRuns,
     Series,
+    _recipe_lines,
     checks,
     compare,
     order_seeds,
@@ -285,3 +289,17 @@ def test_otmf_default_equals_the_zero_shot_heads_of_a_head_tuning_run(tmp_path):
     assert tuned.matrix(zeroshot_heads=True) == default.matrix()
     assert tuned.acc_zeroshot_head == default.acc and tuned.bwt_zeroshot_head == default.bwt
     assert tuned.matrix() != default.matrix()  # the tuned heads do change what is measured
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_report_describes_the_recipe_a_build_records_and_the_fixed_one_of_the_shipped_build():
+    config = json.loads((ROOT / "assets" / "mini" / "base" / "open_clip_config.json").read_text())["model_cfg"]
+    shipped = json.loads((ROOT / "assets" / "mini" / "build_report.json").read_text())
+    line = _recipe_lines(shipped, config)[1]
+    assert "(10 epochs over 10,000 freshly drawn images, AdamW, one-cycle lr 0.0002, weight decay 0.005" in line
+    fusionbench = build.parse_recipe("schedule=constant,steps=4000,batch=32,wd_per_step=0")
+    recorded = {**shipped["recipe"], "finetune": fusionbench}
+    line = _recipe_lines({**shipped, "recipe": recorded}, config)[1]
+    assert "(AdamW, constant lr 0.0002, 4,000 steps of 32, no weight decay, over 10,000 freshly drawn images)" in line

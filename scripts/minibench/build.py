@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,20 @@ FINETUNE_LR = 2e-4
 # lr 1e-5, 4,000 steps of 32, no decay); docs/mini-realism.md measures that recipe on the mini:
 # at the same strength the merges rank as with this one, and the strength is what matters.
 FINETUNE_WEIGHT_DECAY = 0.1 * 1e-5 / FINETUNE_LR
+SCHEDULES = ("onecycle", "cosine", "constant")
+# The fine-tuning recipe (``--recipe key=value,...`` overrides it): AdamW at FINETUNE_LR with the
+# one-cycle schedule (10 % warm-up), 10 epochs in batches of 128 over FINETUNE_SIZE images, and
+# the weight decay above, given as the shrinkage per step lr · wd. FusionBench's recipe is
+# ``schedule=constant,steps=4000,batch=32,wd_per_step=0``.
+FINETUNE_RECIPE: dict[str, object] = {
+    "lr": FINETUNE_LR,
+    "epochs": 10,
+    "wd_per_step": FINETUNE_LR * FINETUNE_WEIGHT_DECAY,
+    "schedule": "onecycle",  # or "cosine" (linear warm-up, then cosine decay), or "constant"
+    "steps": 0,  # optimiser steps; 0: epochs × images / batch
+    "warmup": 0.1,
+    "batch": 128,
+}
 MINI_8 = (
     "mini-land-cover",
     "mini-house-numbers",
@@ -287,15 +302,63 @@ def accuracy(visual, head: torch.Tensor, images: torch.Tensor, labels: np.ndarra
     return float(((features @ head.T).argmax(-1).numpy() == labels).mean())
 
 
-def finetune(visual, head, logit_scale: float, images: torch.Tensor, labels: np.ndarray, epochs: int, seed: int):
-    """Cross-entropy on the frozen zero-shot head; only the image tower trains, not its projection."""
+def parse_recipe(text: str, defaults: Mapping[str, object] | None = None) -> dict:
+    """``key=value,...`` over ``defaults`` (FINETUNE_RECIPE): each value takes its default's type."""
+    recipe = dict(FINETUNE_RECIPE if defaults is None else defaults)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in recipe:
+            raise SystemExit(f"unknown recipe key {key!r}; known: {', '.join(recipe)}")
+        recipe[key] = float(value) if isinstance(recipe[key], float) else type(recipe[key])(value)
+    if recipe["schedule"] not in SCHEDULES:
+        raise SystemExit(f"unknown schedule {recipe['schedule']!r}; known: {', '.join(SCHEDULES)}")
+    return recipe
+
+
+def describe_recipe(recipe: Mapping[str, object]) -> str:
+    """The recipe in words, for the report: 'AdamW, constant lr 0.0002, 4,000 steps of 32, no weight decay'."""
+    lr, steps = float(recipe["lr"]), int(recipe["steps"])
+    batch = recipe["batch"]
+    length = f"{steps:,} steps of {batch}" if steps else f"{recipe['epochs']} epochs in batches of {batch}"
+    names = {"onecycle": "one-cycle", "cosine": "warm-up and cosine", "constant": "constant"}
+    schedule = names[str(recipe["schedule"])]
+    per_step = float(recipe["wd_per_step"])
+    real = ", as in the real recipe" if math.isclose(per_step, 1e-6) else ""
+    decay = f"weight decay {per_step / lr:g} (lr · wd = {per_step:.0e} per step{real})"
+    if not per_step:
+        decay = "no weight decay"
+    return f"AdamW, {schedule} lr {lr:g}, {length}, {decay}"
+
+
+def finetune(visual, head, logit_scale: float, images: torch.Tensor, labels: np.ndarray, recipe: Mapping, seed: int):
+    """Cross-entropy on the frozen zero-shot head; only the image tower trains, not its projection.
+
+    ``recipe`` (FINETUNE_RECIPE's keys) sets AdamW's learning rate, its weight decay as the shrinkage
+    per step (lr · wd), the schedule, and the length: ``steps`` optimiser steps, or when 0,
+    ``epochs`` passes over the images.
+    """
     parameters = [p for name, p in visual.named_parameters() if name != "proj"]
     visual.proj.requires_grad_(False)
-    batch_size = 128
-    steps = epochs * math.ceil(len(images) / batch_size)
-    optimizer = torch.optim.AdamW(parameters, lr=FINETUNE_LR, weight_decay=FINETUNE_WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=FINETUNE_LR, total_steps=steps, pct_start=0.1)
-    train_on_head(visual, head, logit_scale, images, labels, optimizer, schedule, steps, batch_size, seed)
+    batch = int(recipe["batch"])
+    steps = int(recipe["steps"]) or int(recipe["epochs"]) * math.ceil(len(images) / batch)
+    lr = float(recipe["lr"])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=float(recipe["wd_per_step"]) / lr)
+    warmup = max(1, int(float(recipe["warmup"]) * steps))
+    if recipe["schedule"] == "constant":
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    elif recipe["schedule"] == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=steps, pct_start=float(recipe["warmup"])
+        )
+    else:
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    train_on_head(visual, head, logit_scale, images, labels, optimizer, schedule, steps, batch, seed)
 
 
 def train_on_head(
@@ -339,7 +402,7 @@ def build(
     out: Path,
     seed: int,
     pretrain_epochs: int,
-    finetune_epochs: int,
+    recipe: Mapping[str, object],
     noise: float,
     reuse_base: bool = False,
     width: int = 96,
@@ -380,13 +443,13 @@ def build(
     config = model_config(width, layers)
     model, tokenizer = create_model(base, config)
     if previous is not None:
-        recipe = previous.get("recipe", {})
+        provenance = previous.get("recipe", {})
         previous_recipe = (
-            recipe.get("seed"),
-            recipe.get("pretrain_epochs"),
-            recipe.get("caption_noise"),
-            recipe.get("vision_width", 96),
-            recipe.get("vision_layers", 4),
+            provenance.get("seed"),
+            provenance.get("pretrain_epochs"),
+            provenance.get("caption_noise"),
+            provenance.get("vision_width", 96),
+            provenance.get("vision_layers", 4),
         )
         if previous_recipe != (seed, pretrain_epochs, noise, width, layers):
             raise SystemExit("--reuse-base: the previous build used a different seed or pretraining recipe")
@@ -417,10 +480,8 @@ def build(
             "vision_layers": layers,
             "caption_noise": noise,
             "task_style": TASK_STYLE_IN_PRETRAINING,
-            "finetune_epochs": finetune_epochs,
+            "finetune": dict(recipe),
             "finetune_images": FINETUNE_SIZE,
-            "finetune_lr": FINETUNE_LR,
-            "finetune_weight_decay": FINETUNE_WEIGHT_DECAY,
             "train_per_class": TRAIN_PER_CLASS,
             "native_resolution": {spec.name: spec.native for spec in TASKS},
             "checkpoint_dtype": str(CHECKPOINT_DTYPE).removeprefix("torch."),
@@ -433,7 +494,7 @@ def build(
         visual = copy.deepcopy(model.visual)
         torch.manual_seed(seed * 1000 + index)
         tune_images, tune_labels = splits[spec.name]["tune"]
-        finetune(visual, head, logit_scale, tune_images, tune_labels, finetune_epochs, seed + index)
+        finetune(visual, head, logit_scale, tune_images, tune_labels, recipe, seed + index)
         report["finetuned"][spec.name] = accuracy(visual, head, test_images, test_labels)
         state = {k: v.detach().clone() for k, v in visual.state_dict().items() if k != "proj"}
         report["storage_rounding"][spec.name] = storage_rounding(state, pretrained_visual)
@@ -495,7 +556,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "mini")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument(
+        "--recipe",
+        default="",
+        help="fine-tuning recipe, key=value,... over " + ", ".join(f"{k}={v}" for k, v in FINETUNE_RECIPE.items()),
+    )
     parser.add_argument("--caption-noise", type=float, default=0.3)
     parser.add_argument("--width", type=int, default=96, help="image-tower width (a multiple of 16)")
     parser.add_argument("--layers", type=int, default=4, help="image-tower blocks")
@@ -518,7 +583,7 @@ def main() -> None:
             args.out,
             args.seed,
             args.pretrain_epochs,
-            args.finetune_epochs,
+            parse_recipe(args.recipe),
             args.caption_noise,
             args.reuse_base,
             args.width,

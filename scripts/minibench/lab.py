@@ -51,26 +51,12 @@ ROOT = Path(__file__).resolve().parents[2]
 MINI = ROOT / "assets" / "mini"
 SCALES = (0.125, 0.3, 1 / math.sqrt(8), 0.5)
 REAL_NORMALISED = {"opcm": 0.65, "task_arithmetic": 0.46, "weight_average": 0.43, "magmax": 0.53}
-DEFAULT_RECIPE = {
-    "lr": build.FINETUNE_LR,
-    "epochs": 10,
-    "wd_per_step": 1e-6,  # lr · wd, the real recipe's shrinkage per step
-    "schedule": "onecycle",  # or "cosine" (linear warm-up, then cosine decay), or "constant"
-    "steps": 0,  # optimiser steps; 0: epochs × images / batch
-    "warmup": 0.1,
-    "batch": 128,
-    "images": build.FINETUNE_SIZE,
-}
+# The build's fine-tuning recipe, and how many of the build's fine-tuning images it sees.
+DEFAULT_RECIPE = {**build.FINETUNE_RECIPE, "images": build.FINETUNE_SIZE}
 
 
 def parse_recipe(text: str) -> dict:
-    recipe = dict(DEFAULT_RECIPE)
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in recipe:
-            raise SystemExit(f"unknown recipe key {key!r}; known: {', '.join(recipe)}")
-        recipe[key] = type(recipe[key])(value) if not isinstance(recipe[key], float) else float(value)
-    return recipe
+    return build.parse_recipe(text, DEFAULT_RECIPE)
 
 
 def recipe_name(recipe: Mapping) -> str:
@@ -184,32 +170,6 @@ def pretrained_base(
     build.pretrain(model, tokenizer, corpus, epochs, seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "open_clip_model.safetensors"))
     return base
-
-
-def finetune(visual, head: Tensor, logit_scale: float, images: Tensor, labels: np.ndarray, recipe: Mapping, seed: int):
-    """The build's fine-tuning loop (frozen head and projection, AdamW) with the recipe's settings."""
-    parameters = [p for name, p in visual.named_parameters() if name != "proj"]
-    visual.proj.requires_grad_(False)
-    batch = int(recipe["batch"])
-    steps = int(recipe["steps"]) or int(recipe["epochs"]) * math.ceil(len(images) / batch)
-    lr = float(recipe["lr"])
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=float(recipe["wd_per_step"]) / lr)
-    warmup = max(1, int(float(recipe["warmup"]) * steps))
-    if recipe["schedule"] == "constant":
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    elif recipe["schedule"] == "onecycle":
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=steps, pct_start=float(recipe["warmup"])
-        )
-    else:
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    build.train_on_head(visual, head, logit_scale, images, labels, optimizer, schedule, steps, batch, seed)
 
 
 class Bench:
@@ -490,7 +450,7 @@ def main() -> None:
         images, labels = bench.seen(task, *tune_split(task, args.seed, int(recipe["images"]), args.cache))
         visual = copy.deepcopy(bench.model.visual)
         torch.manual_seed(args.seed * 1000 + index)
-        finetune(visual, bench.heads[task], bench.logit_scale, images, labels, recipe, args.seed + index)
+        build.finetune(visual, bench.heads[task], bench.logit_scale, images, labels, recipe, args.seed + index)
         # stored as the build stores it (float16), so the bench sees what a build would ship
         state = {k: v.detach().to(build.CHECKPOINT_DTYPE).float() for k, v in visual.state_dict().items()}
         state["proj"] = bench.pretrained["proj"].clone()

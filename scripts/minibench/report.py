@@ -476,9 +476,8 @@ def _recipe_lines(build: dict, config: dict) -> list[str]:
             f"{recipe['pretrain_epochs']} epochs.",
             "- `checkpoints/<task>/`: the image encoder fine-tuned on each task in the Hugging Face CLIPVisionModel "
             "layout (config.json + model.safetensors), like `tanganke/clip-vit-*_<task>`: only the image tower "
-            f"trains, with the task's zero-shot head and the projection frozen ({recipe['finetune_epochs']} epochs "
-            f"over {recipe['finetune_images']:,} freshly drawn images, AdamW, one-cycle lr "
-            f"{recipe['finetune_lr']:g}{_decay(recipe)}){_storage(build)}.",
+            f"trains, with the task's zero-shot head and the projection frozen ({_finetuning(recipe)})"
+            f"{_storage(build)}.",
             *_capture_lines(recipe),
         ]
     except (KeyError, TypeError, ValueError):
@@ -488,6 +487,18 @@ def _recipe_lines(build: dict, config: dict) -> list[str]:
             "- `checkpoints/<task>/`: the image encoder fine-tuned on each task in the Hugging Face CLIPVisionModel "
             f"layout (config.json + model.safetensors), like `tanganke/clip-vit-*_<task>`. Recipe: {listed}.",
         ]
+
+
+def _finetuning(recipe: dict) -> str:
+    """How the checkpoints were fine-tuned: the recipe a build records, or the fixed one older builds used."""
+    if "finetune" in recipe:
+        from scripts.minibench.build import describe_recipe
+
+        return f"{describe_recipe(recipe['finetune'])}, over {recipe['finetune_images']:,} freshly drawn images"
+    return (
+        f"{recipe['finetune_epochs']} epochs over {recipe['finetune_images']:,} freshly drawn images, AdamW, "
+        f"one-cycle lr {recipe['finetune_lr']:g}{_decay(recipe)}"
+    )
 
 
 def _decay(recipe: dict) -> str:
