@@ -75,47 +75,37 @@ class _Tower(nn.Module):
         return self.body(x.flatten(1)) @ self.proj
 
 
-def test_finetune_takes_exactly_the_steps_asked_for_leaves_the_projection_and_keeps_a_constant_rate():
+def _recorded_finetune(count: int, recipe: dict) -> tuple[_Tower, torch.Tensor, list[dict]]:
+    """finetune() of a _Tower on ``count`` random images, with AdamW's settings at every step it took."""
     torch.manual_seed(0)
     tower = _Tower()
-    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    labels = np.arange(10) % 2
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8)
+    labels = np.arange(count) % 2
     head = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
-    steps, seen = [], []
+    proj = tower.proj.detach().clone()
+    settings = []
     optimiser_step = torch.optim.AdamW.step
 
-    def counted(self, *args, **kwargs):
-        steps.append(1)
-        seen.append(self.param_groups[0]["lr"])
+    def recorded(self, *args, **kwargs):
+        settings.append({key: self.param_groups[0][key] for key in ("lr", "weight_decay")})
         return optimiser_step(self, *args, **kwargs)
 
-    proj = tower.proj.detach().clone()
-    recipe = parse_recipe("lr=1e-3,schedule=constant,batch=4,steps=7,wd_per_step=0")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.optim.AdamW, "step", counted)
+        patch.setattr(torch.optim.AdamW, "step", recorded)
         finetune(tower, head, 20.0, images, labels, recipe, seed=0)
-    assert len(steps) == 7  # 2.5 batches per pass over the 10 images: the loop stops mid-pass
-    assert seen == [1e-3] * 7
+    return tower, proj, settings
+
+
+def test_finetune_takes_exactly_the_steps_asked_for_leaves_the_projection_and_keeps_a_constant_rate():
+    recipe = parse_recipe("lr=1e-3,schedule=constant,batch=4,steps=7,wd_per_step=0")
+    tower, proj, settings = _recorded_finetune(10, recipe)
+    # 2.5 batches per pass over the 10 images: the loop stops mid-pass
+    assert [step["lr"] for step in settings] == [1e-3] * 7
     assert torch.equal(tower.proj, proj)
 
 
 def test_finetune_with_the_default_recipe_runs_the_shipped_one_cycle_over_whole_epochs_with_the_shipped_decay():
-    torch.manual_seed(0)
-    tower = _Tower()
-    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
-    labels = np.arange(300) % 2
-    head = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
-    rates, decays = [], []
-    optimiser_step = torch.optim.AdamW.step
-
-    def counted(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        decays.append(self.param_groups[0]["weight_decay"])
-        return optimiser_step(self, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.optim.AdamW, "step", counted)
-        finetune(tower, head, 20.0, images, labels, build.parse_recipe("epochs=2"), seed=0)
+    _, _, settings = _recorded_finetune(300, build.parse_recipe("epochs=2"))
     steps = 2 * math.ceil(300 / 128)
     reference = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=build.FINETUNE_LR)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(reference, build.FINETUNE_LR, total_steps=steps, pct_start=0.1)
@@ -124,8 +114,8 @@ def test_finetune_with_the_default_recipe_runs_the_shipped_one_cycle_over_whole_
         expected.append(reference.param_groups[0]["lr"])
         reference.step()
         one_cycle.step()
-    assert rates == expected and len(rates) == steps
-    assert set(decays) == {build.FINETUNE_WEIGHT_DECAY}
+    assert [step["lr"] for step in settings] == expected
+    assert {step["weight_decay"] for step in settings} == {build.FINETUNE_WEIGHT_DECAY}
 
 
 def test_upsampling_from_low_resolution_keeps_the_shape_and_loses_only_fine_detail():
