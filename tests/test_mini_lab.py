@@ -29,24 +29,25 @@ def test_a_recipe_overrides_only_the_keys_given_with_their_types_and_names_itsel
     recipe = parse_recipe("lr=1e-4,steps=4000,schedule=constant")
     assert recipe["lr"] == 1e-4 and recipe["steps"] == 4000 and recipe["schedule"] == "constant"
     assert isinstance(recipe["steps"], int) and recipe["batch"] == DEFAULT_RECIPE["batch"]
-    assert recipe_name(recipe) == "lr=0.0001,schedule=constant,steps=4000"
-    assert recipe_name(parse_recipe("")) == "default"
+    assert recipe_name(recipe) == (
+        "lr=0.0001,epochs=10,wd_per_step=0.0,schedule=constant,steps=4000,warmup=0.1,batch=32,images=10000"
+    )
+    assert recipe_name(parse_recipe("")) != recipe_name(recipe)
     with pytest.raises(SystemExit, match="unknown recipe key 'momentum'"):
         parse_recipe("momentum=0.9")
     with pytest.raises(SystemExit, match="unknown schedule 'linear'"):
         parse_recipe("schedule=linear")
 
 
-def test_the_builds_default_recipe_is_the_shipped_one_and_each_recipe_describes_itself():
+def test_the_builds_default_recipe_is_fusionbenchs_and_each_recipe_describes_itself():
     default = build.parse_recipe("")
     assert default == build.FINETUNE_RECIPE and "images" not in default
-    assert float(default["wd_per_step"]) / float(default["lr"]) == build.FINETUNE_WEIGHT_DECAY
-    assert describe_recipe(default) == (
+    assert describe_recipe(default) == "AdamW, constant lr 0.0002, 4,000 steps of 32, no weight decay"
+    ilharco = build.parse_recipe("schedule=onecycle,epochs=10,steps=0,batch=128,wd_per_step=1e-6")
+    assert describe_recipe(ilharco) == (
         "AdamW, one-cycle lr 0.0002, 10 epochs in batches of 128, weight decay 0.005 (lr · wd = 1e-06 per step, "
         "as in the real recipe)"
     )
-    fusionbench = build.parse_recipe("schedule=constant,steps=4000,batch=32,wd_per_step=0")
-    assert describe_recipe(fusionbench) == "AdamW, constant lr 0.0002, 4,000 steps of 32, no weight decay"
 
 
 def _state(c_fc: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,8 +105,9 @@ def test_finetune_takes_exactly_the_steps_asked_for_leaves_the_projection_and_ke
     assert torch.equal(tower.proj, proj)
 
 
-def test_finetune_with_the_default_recipe_runs_the_shipped_one_cycle_over_whole_epochs_with_the_shipped_decay():
-    _, _, settings = _recorded_finetune(300, build.parse_recipe("epochs=2"))
+def test_finetune_by_epochs_runs_one_cycle_over_whole_epochs_with_the_decay_asked_for():
+    recipe = build.parse_recipe("schedule=onecycle,epochs=2,steps=0,batch=128,wd_per_step=1e-6")
+    _, _, settings = _recorded_finetune(300, recipe)
     steps = 2 * math.ceil(300 / 128)
     reference = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=build.FINETUNE_LR)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(reference, build.FINETUNE_LR, total_steps=steps, pct_start=0.1)
@@ -115,7 +117,13 @@ def test_finetune_with_the_default_recipe_runs_the_shipped_one_cycle_over_whole_
         reference.step()
         one_cycle.step()
     assert [step["lr"] for step in settings] == expected
-    assert {step["weight_decay"] for step in settings} == {build.FINETUNE_WEIGHT_DECAY}
+    assert [step["weight_decay"] for step in settings] == pytest.approx([1e-6 / build.FINETUNE_LR] * steps)
+
+
+def test_finetune_with_the_default_recipe_takes_its_steps_at_a_constant_rate_without_decay():
+    recipe = build.parse_recipe("steps=5")  # the default, shortened
+    _, _, settings = _recorded_finetune(300, recipe)
+    assert settings == [{"lr": build.FINETUNE_LR, "weight_decay": 0.0}] * 5
 
 
 def test_upsampling_from_low_resolution_keeps_the_shape_and_loses_only_fine_detail():

@@ -60,8 +60,20 @@ def parse_recipe(text: str) -> dict:
 
 
 def recipe_name(recipe: Mapping) -> str:
-    changed = [f"{k}={v}" for k, v in recipe.items() if DEFAULT_RECIPE.get(k) != v]
-    return ",".join(changed) or "default"
+    """Every setting, not just those that differ from the default: a cache keyed by a diff would
+    silently return another recipe's fine-tunes once the build's default changes."""
+    return ",".join(f"{k}={recipe[k]}" for k in DEFAULT_RECIPE)
+
+
+def base_name(base: Path) -> str:
+    """A base's cache name: its folder, or for the shipped base a digest of its weights, which
+    change with every rebuild."""
+    if base != MINI / "base":
+        return base.name
+    import hashlib
+
+    digest = hashlib.sha256((base / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    return f"shipped-{digest[:12]}"
 
 
 # ---------------------------------------------------------------- data
@@ -391,9 +403,13 @@ def main() -> None:
         default=None,
         help="pretrain a new base with CLIP's logit scale held at this value (0: learnt, as the build)",
     )
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--width", type=int, default=96, help="image-tower width of a newly pretrained base")
-    parser.add_argument("--layers", type=int, default=4, help="image-tower blocks of a newly pretrained base")
+    parser.add_argument("--pretrain-epochs", type=int, default=build.PRETRAIN_EPOCHS)
+    parser.add_argument(
+        "--width", type=int, default=build.VISION_WIDTH, help="image-tower width of a newly pretrained base"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=build.VISION_LAYERS, help="image-tower blocks of a newly pretrained base"
+    )
     parser.add_argument("--embed-dim", type=int, default=64, help="embedding size of a newly pretrained base")
     parser.add_argument(
         "--task-style",
@@ -430,9 +446,7 @@ def main() -> None:
     degrade = dict.fromkeys(LOW_RESOLUTION, args.degrade) if args.degrade else {}
     bench = Bench(build.MINI_8, base, degrade)
     recipe = parse_recipe(args.recipe)
-    name = "shipped" if args.shipped else recipe_name(recipe)
-    if base != MINI / "base":
-        name = f"{base.name}+{name}"
+    name = f"{base_name(base)}+{'shipped' if args.shipped else recipe_name(recipe)}"
     if degrade:
         name = f"{name}+upsampled-from-{args.degrade}"
     models: dict[str, dict[str, Tensor]] = {}
