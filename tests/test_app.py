@@ -155,19 +155,19 @@ def test_lab_streams_one_update_per_step_and_matches_the_runner(private_cache):
     )
     assert len(results["analysis"]) == 8 and all(a["seconds"] > 0 for a in results["analysis"])
     # ... and the spectra show the default layer of τ_8 and both merged deltas, with OPCM's α cut on its own curve
-    assert spectra.layout.title.text.startswith("Spectra of block 3 · mlp.c_fc after step 8")
+    assert spectra.layout.title.text.startswith("Spectra of block 1 · mlp.c_fc after step 8")
     assert [t.name for t in spectra.data if t.showlegend is not False] == [
         f"τ8 {results['tasks'][-1]}",
         "merged opcm",
         "merged task_arithmetic",
     ]
     assert any(a.text.startswith("opcm α = 0.5: r = ") for a in spectra.layout.annotations)
-    # OPCM's removed share per layer × step: 24 matrices of the mini encoder, none removed at step 1
-    assert len(removed.data[0].y) == 24 and removed.data[0].y[0] == "block 0 · attn.q"
+    # OPCM's removed share per layer × step: 12 matrices of the mini encoder, none removed at step 1
+    assert len(removed.data[0].y) == 12 and removed.data[0].y[0] == "block 0 · attn.q"
     assert all(row[0] is None and all(0 <= v <= 100 for v in row[1:]) for row in removed.data[0].z)
     layer_list = updates[0][12]  # once, when the run knows its encoder: the default first, then every matrix
     assert layer_list["value"] == "" and layer_list["choices"][:2] == [
-        ("default (block 3 · mlp.c_fc)", ""),
+        ("default (block 1 · mlp.c_fc)", ""),
         ("block 0 · attn.q", "transformer.resblocks.0.attn.in_proj_weight[q]"),
     ]
     assert all(u[12] == gr.skip() for u in updates[1:])
@@ -291,7 +291,7 @@ def test_the_spectra_follow_a_layer_changed_mid_run_and_bad_layers_are_refused(p
     query = "transformer.resblocks.0.attn.in_proj_weight[q]"
     stream = run_lab(*lab_inputs(checkpoints=three))
     updates = [next(stream) for _ in range(3)]  # checkpoints found, reference rows, step 1
-    assert "block 3 · mlp.c_fc after step 1" in updates[-1][10].layout.title.text
+    assert "block 1 · mlp.c_fc after step 1" in updates[-1][10].layout.title.text
     with pytest.raises(gr.Error, match=r"no matrix 'transformer\.resblocks\.9\.mlp\.c_fc\.weight' in this encoder"):
         HANDLERS.choose_layer(None, updates[-1][6], "transformer.resblocks.9.mlp.c_fc.weight")
     assert HANDLERS.choose_layer(None, updates[-1][6], query) == gr.skip()  # shown from the next step
@@ -299,10 +299,10 @@ def test_the_spectra_follow_a_layer_changed_mid_run_and_bad_layers_are_refused(p
     titles = [u[10].layout.title.text for u in updates[3:]]
     assert [t.split(" after")[0] for t in titles] == ["Spectra of block 0 · attn.q"] * 2
     results = updates[-1][6]
-    assert [a["layer"] for a in results["analysis"]] == ["transformer.resblocks.3.mlp.c_fc.weight", query, query]
+    assert [a["layer"] for a in results["analysis"]] == ["transformer.resblocks.1.mlp.c_fc.weight", query, query]
     assert HANDLERS.live_layers == {}  # the run is over: a change is for the final state, at once
-    final = HANDLERS.choose_layer(None, results, "transformer.resblocks.2.mlp.c_proj.weight")
-    assert final.layout.title.text.startswith("Spectra of block 2 · mlp.c_proj after step 3")
+    final = HANDLERS.choose_layer(None, results, "transformer.resblocks.0.mlp.c_proj.weight")
+    assert final.layout.title.text.startswith("Spectra of block 0 · mlp.c_proj after step 3")
     assert [t.name for t in final.data if t.showlegend is not False] == [f"τ3 {results['tasks'][-1]}", "merged opcm"]
     # the final state's τ_3 spectrum of the run's own layer equals the live one
     again = HANDLERS.choose_layer(None, results, query)
@@ -312,9 +312,9 @@ def test_the_spectra_follow_a_layer_changed_mid_run_and_bad_layers_are_refused(p
             HANDLERS.choose_layer(None, results, bad)
     # the run itself refuses a bad layer before any work, naming it
     updates, toast = updates_until_error(
-        HANDLERS.run_lab(None, *lab_inputs(checkpoints=three), spectrum_layer="block 3 · mlp.c_fc")
+        HANDLERS.run_lab(None, *lab_inputs(checkpoints=three), spectrum_layer="block 1 · mlp.c_fc")
     )
-    assert toast.startswith("no matrix 'block 3 · mlp.c_fc' in this encoder") and len(updates) == 1
+    assert toast.startswith("no matrix 'block 1 · mlp.c_fc' in this encoder") and len(updates) == 1
 
 
 # ---------------------------------------------------------------- the page over HTTP

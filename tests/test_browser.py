@@ -64,7 +64,7 @@ def test_default_run_renders_every_live_plot_and_downloads(page, tmp_path):
     cosine = page.locator("#lab-plot-cosine .js-plotly-plot")
     assert cosine.evaluate("el => el.data[0].z.length") == 9  # eight task vectors and OPCM's merged delta
     spectra = page.locator("#lab-plot-spectra .js-plotly-plot")
-    assert spectra.evaluate("el => el.layout.title.text").startswith("Spectra of block 3 · mlp.c_fc after step 8")
+    assert spectra.evaluate("el => el.layout.title.text").startswith("Spectra of block 1 · mlp.c_fc after step 8")
     assert page.locator("#lab-plot-removed .js-plotly-plot").count() == 1
     page.screenshot(path=str(ARTIFACTS / "lab-default-run.png"), full_page=True)
     # after the run, another layer from the list shows at once, for the final state

@@ -54,21 +54,21 @@ def fake_gpus(monkeypatch, free: list[int], cached: int = 0) -> None:
 
 
 def test_the_estimate_is_the_documented_formula_on_the_mini_encoder(shared):
-    arch = shared.backbone.arch  # width 96, 4 layers, 6 heads, MLP 384, 32 px images, 8 px patches
+    arch = shared.backbone.arch  # width 192, 2 layers, 12 heads, MLP 768, 32 px images, 8 px patches
     assert (arch.width, arch.layers, arch.heads, arch.mlp_width, arch.image_size, arch.patch_size) == (
-        96,
-        4,
-        6,
-        384,
+        192,
+        2,
+        12,
+        768,
         32,
         8,
     )
     encoder = 4 * sum(v.numel() for v in shared.backbone.model.visual.state_dict().values())
-    assert encoder == 4 * 474_048
+    assert encoder == 4 * 943_104
     tokens, pixels = (32 // 8) ** 2 + 1, 3 * 32 * 32
-    per_eval_image = 7 * pixels + 4 * (4 * tokens * 96 + 2 * tokens * 384 + 2 * 6 * tokens**2)
-    per_train_image = 4 * 4 * (10 * tokens * 96 + 3 * tokens * 384 + 3 * 6 * tokens**2) + 4 * pixels
-    assert per_eval_image == 113_712
+    per_eval_image = 7 * pixels + 4 * (4 * tokens * 192 + 2 * tokens * 768 + 2 * 12 * tokens**2)
+    per_train_image = 4 * 2 * (10 * tokens * 192 + 3 * tokens * 768 + 3 * 12 * tokens**2) + 4 * pixels
+    assert per_eval_image == 205_920
     evaluation = SAMPLES * per_eval_image  # one batch: the whole 16-image sample
     tower = encoder  # float32 parameters
 
@@ -101,12 +101,12 @@ def test_the_estimate_is_the_documented_formula_on_the_mini_encoder(shared):
 def test_opcm_and_dop_working_memory_come_from_the_matrix_shapes(shared):
     from merging.methods.dop import chunk_size
 
-    # mini: per block a 288×96 qkv, 96×96 out-proj, 384×96 fc1 and (tall) 384×96 fc2; conv1 and proj
+    # mini: per block a 576×192 qkv, 192×192 out-proj, 768×192 fc1 and (tall) 768×192 fc2; conv1 and proj
     meta = {k: torch.empty(v.shape, device="meta") for k, v in shared.backbone.model.visual.state_dict().items()}
     from merging.families import family_of
 
     shapes = gpu_budget.tall_matrix_shapes(meta, family_of(meta.keys()))
-    assert all(m >= n for m, n in shapes) and len(shapes) >= 4 * 4
+    assert all(m >= n for m, n in shapes) and len(shapes) >= 4 * 2
     bases = sum(4 * (n * n + n) for _, n in shapes)
     assert gpu_budget.opcm_work_bytes(shapes, on_cuda=False) == bases
     # every width's Grams fit in one 256 MiB stack here: the largest stack, held twice (Grams, eigenvectors)
@@ -117,9 +117,9 @@ def test_opcm_and_dop_working_memory_come_from_the_matrix_shapes(shared):
     difference = gpu_budget.estimate_trial(opcm, shared).total - gpu_budget.estimate_trial(average, shared).total
     assert difference == gpu_budget.opcm_work_bytes(shapes)
 
-    shape = (384, 96)
+    shape = (768, 192)
     count = sum(1 for s in shapes if s == shape)
-    per_matrix = 24 * 384 * 96 * 4 + 4 * 384**2 * 4
+    per_matrix = 24 * 768 * 192 * 4 + 4 * 768**2 * 4
     assert gpu_budget.dop_work_bytes([shape] * count) == min(count, chunk_size(shape)) * per_matrix
 
 

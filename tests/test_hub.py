@@ -284,7 +284,7 @@ def test_a_checkpoint_of_another_architecture_is_named_with_the_difference(hub, 
         device="cpu",
     )
     with pytest.raises(
-        MergingError, match=r"testorg/clip-tiny_hub-mini-land-cover .*\(a different architecture: width 32 vs 96"
+        MergingError, match=r"testorg/clip-tiny_hub-mini-land-cover .*\(a different architecture: width 32 vs 192"
     ):
         ContinualRun(config).prepare()
 

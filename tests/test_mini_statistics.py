@@ -294,12 +294,15 @@ def test_otmf_default_equals_the_zero_shot_heads_of_a_head_tuning_run(tmp_path):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_report_describes_the_recipe_a_build_records_and_the_fixed_one_of_the_shipped_build():
+def test_the_report_describes_the_recipe_the_shipped_build_records_and_lists_an_unrecorded_one():
     config = json.loads((ROOT / "assets" / "mini" / "base" / "open_clip_config.json").read_text())["model_cfg"]
     shipped = json.loads((ROOT / "assets" / "mini" / "build_report.json").read_text())
     line = _recipe_lines(shipped, config)[1]
-    assert "(10 epochs over 10,000 freshly drawn images, AdamW, one-cycle lr 0.0002, weight decay 0.005" in line
-    fusionbench = build.parse_recipe("schedule=constant,steps=4000,batch=32,wd_per_step=0")
-    recorded = {**shipped["recipe"], "finetune": fusionbench}
-    line = _recipe_lines({**shipped, "recipe": recorded}, config)[1]
-    assert "(AdamW, constant lr 0.0002, 4,000 steps of 32, no weight decay, over 10,000 freshly drawn images)" in line
+    words = build.describe_recipe(shipped["recipe"]["finetune"])
+    assert f"({words}, over 10,000 freshly drawn images)" in line
+    onecycle = build.parse_recipe("schedule=onecycle,epochs=10,steps=0,batch=128,wd_per_step=1e-6")
+    line = _recipe_lines({**shipped, "recipe": {**shipped["recipe"], "finetune": onecycle}}, config)[1]
+    assert "(AdamW, one-cycle lr 0.0002, 10 epochs in batches of 128, weight decay 0.005" in line
+    unrecorded = {key: value for key, value in shipped["recipe"].items() if key != "finetune"}
+    line = _recipe_lines({**shipped, "recipe": unrecorded}, config)[1]
+    assert "Recipe: " in line and f"pretrain_epochs {unrecorded['pretrain_epochs']}" in line

@@ -490,23 +490,11 @@ def _recipe_lines(build: dict, config: dict) -> list[str]:
 
 
 def _finetuning(recipe: dict) -> str:
-    """How the checkpoints were fine-tuned: the recipe a build records, or the fixed one older builds used."""
-    if "finetune" in recipe:
-        from scripts.minibench.build import describe_recipe
+    """How the checkpoints were fine-tuned, in the recipe's own words (a KeyError for builds that
+    predate the recorded recipe, which ``_recipe_lines`` then lists as recorded)."""
+    from scripts.minibench.build import describe_recipe
 
-        return f"{describe_recipe(recipe['finetune'])}, over {recipe['finetune_images']:,} freshly drawn images"
-    return (
-        f"{recipe['finetune_epochs']} epochs over {recipe['finetune_images']:,} freshly drawn images, AdamW, "
-        f"one-cycle lr {recipe['finetune_lr']:g}{_decay(recipe)}"
-    )
-
-
-def _decay(recipe: dict) -> str:
-    """The fine-tuning weight decay, for builds that record it (older ones used 0.1)."""
-    if "finetune_weight_decay" not in recipe:
-        return ""
-    decay = recipe["finetune_weight_decay"]
-    return f", weight decay {decay:g} (lr · wd = {recipe['finetune_lr'] * decay:.0e} per step, as in the real recipe)"
+    return f"{describe_recipe(recipe['finetune'])}, over {recipe['finetune_images']:,} freshly drawn images"
 
 
 def _storage(build: dict) -> str:
