@@ -22,8 +22,9 @@ hundreds of thousands of buckets) the chance is below 3·10⁻⁷ per pair, and 
 inequality alone (no assumption on the distribution) below 0.04. ``tests/test_analysis.py``
 checks |error| ≤ 0.01 over every pair of realistic task vectors with a fixed seed, and that
 a sketch of 2¹² buckets misses it. A sketch costs 2 MiB per task (float32), against 335 MiB
-for a ViT-B/32 task vector; an encoder with at most k entries (the mini benchmark's 468 k) is
-kept whole instead, which is both smaller than the sketch and exact.
+for a ViT-B/32 task vector; an encoder with at most k entries is kept whole instead, which is
+both smaller than the sketch and exact (the mini benchmark's first 96-wide tower, 468 k entries,
+was; its 192-wide tower, 931 k, is sketched like a real one).
 
 Memory in T: the k floats per earlier task, its norm and a few numbers per step. The hash is
 generated again for each parameter at each step (one parameter at a time), not stored.
