@@ -86,7 +86,7 @@ FINETUNE_RECIPE: dict[str, object] = {
     "warmup": 0.1,
     "batch": 32,
 }
-# The image tower the build pretrains: 192 wide and 2 blocks deep (MODEL_CONFIG's 96 × 4 made
+# The image tower the build pretrains: 192 wide and 2 blocks deep (the first builds' 96 × 4 made
 # OPCM's lead half as large at the same cost, docs/mini-realism.md), for PRETRAIN_EPOCHS passes.
 VISION_WIDTH = 192
 VISION_LAYERS = 2
@@ -105,7 +105,14 @@ MODEL_CONFIG = {
     "model_cfg": {
         "embed_dim": 64,
         "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 4, "width": 96, "head_width": 16, "mlp_ratio": 4.0, "patch_size": 8},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": VISION_LAYERS,
+            "width": VISION_WIDTH,
+            "head_width": 16,
+            "mlp_ratio": 4.0,
+            "patch_size": 8,
+        },
         "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     },
     "preprocess_cfg": {
@@ -217,11 +224,11 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ models
 
 
-def model_config(width: int = 96, layers: int = 4, embed_dim: int = 64) -> dict:
+def model_config(width: int = VISION_WIDTH, layers: int = VISION_LAYERS, embed_dim: int = 64) -> dict:
     """MODEL_CONFIG with another image-tower width and depth (heads stay 16 wide) and embedding size.
 
-    The width sets how much room the fine-tunes have: a task matrix of the default tower uses
-    a quarter to a half of its 96 directions (``scripts/minibench/diagnose.py``).
+    The width sets how much room the fine-tunes have: a task matrix of the shipped tower uses
+    a fifth to two fifths of its 192 directions (``scripts/minibench/diagnose.py``).
     """
     config = json.loads(json.dumps(MODEL_CONFIG))
     config["model_cfg"]["vision_cfg"].update(width=width, layers=layers)
