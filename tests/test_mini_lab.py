@@ -191,3 +191,37 @@ def test_isotropic_flattens_every_matrix_of_the_sum_to_its_mean_singular_value_a
         assert torch.allclose(singular, torch.full((8,), alpha * mean_singular))  # flat
         # the other parameters are summed at the scale-only coefficient, untouched by the flattening
         assert torch.allclose(state[BLOCK + "ln_1.weight"], 1 + coefficient * torch.tensor([1.0] * 4 + [0.0] * 4))
+
+
+def test_the_stored_base_has_a_half_precision_text_tower_whose_heads_are_the_ones_fine_tunes_trained_against(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from scripts.minibench.generators import TASKS
+
+    model, tokenizer = build.create_model(tmp_path / "base", build.model_config(width=32, layers=1))
+    visual_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    stored = build.round_text_tower(model)
+    save_file(stored, str(tmp_path / "base" / "open_clip_model.safetensors"))
+
+    assert stored["token_embedding.weight"].dtype == torch.float16
+    assert stored["text_projection"].dtype == torch.float16
+    assert stored["logit_scale"].dtype == torch.float32
+    assert all(stored[f"visual.{k}"].dtype == torch.float32 for k in visual_before)
+    assert all(torch.equal(stored[f"visual.{k}"], v) for k, v in visual_before.items())  # θ0 exact
+    # the heads the build computes after rounding are those a loader of the stored file computes
+    loaded, _ = build.create_model(tmp_path / "loaded", build.model_config(width=32, layers=1))
+    loaded.load_state_dict(load_file(str(tmp_path / "base" / "open_clip_model.safetensors")))
+    assert torch.equal(
+        build.zeroshot_head(model, tokenizer, TASKS[0]), build.zeroshot_head(loaded, tokenizer, TASKS[0])
+    )
+    # rounding is idempotent, so rebuilding on a stored base (--reuse-base) stores the same file
+    again = build.round_text_tower(loaded)
+    assert all(torch.equal(again[k], v) for k, v in stored.items())
+
+
+def test_the_report_refuses_a_benchmark_the_library_would_not_load(tmp_path):
+    from scripts.minibench.report import SHIPPED, require_shipped_location
+
+    require_shipped_location(SHIPPED)
+    with pytest.raises(SystemExit, match="--no-report"):
+        require_shipped_location(tmp_path)

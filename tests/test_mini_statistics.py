@@ -306,3 +306,18 @@ def test_the_report_describes_the_recipe_the_shipped_build_records_and_lists_an_
     unrecorded = {key: value for key, value in shipped["recipe"].items() if key != "finetune"}
     line = _recipe_lines({**shipped, "recipe": unrecorded}, config)[1]
     assert "Recipe: " in line and f"pretrain_epochs {unrecorded['pretrain_epochs']}" in line
+
+
+def test_the_report_says_how_large_the_corpus_was_and_how_the_text_tower_is_stored_when_the_build_records_it():
+    config = json.loads((ROOT / "assets" / "mini" / "base" / "open_clip_config.json").read_text())["model_cfg"]
+    shipped = json.loads((ROOT / "assets" / "mini" / "build_report.json").read_text())
+    older = {
+        key: value
+        for key, value in shipped["recipe"].items()
+        if key not in ("pretrain_images_per_task", "text_tower_dtype")
+    }
+    line = _recipe_lines({**shipped, "recipe": older}, config)[0]
+    assert "images per concept" not in line and "text tower is stored" not in line
+    recorded = {**older, "pretrain_images_per_task": 6000, "text_tower_dtype": "float16"}
+    line = _recipe_lines({**shipped, "recipe": recorded}, config)[0]
+    assert "over 6,000 images per concept; its text tower is stored in float16" in line

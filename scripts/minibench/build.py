@@ -61,6 +61,12 @@ FINETUNE_SIZE = 10000
 PRETRAIN_PER_TASK = 3000
 TASK_STYLE_IN_PRETRAINING = 0.3  # share of pretraining images drawn in the benchmark's own style
 JPEG_QUALITY = 90
+# The text tower is stored in float16: it only yields the zero-shot heads, which the build
+# computes from the rounded weights, so what ships is exactly what the fine-tunes were trained
+# against. Half of the base is open_clip's 49,408-row token embedding, fixed by its tokenizer;
+# in float32 the base would exceed the repository's 8 MB per-file rule. The image tower stays
+# float32 so that task vectors are computed against the exact pretrained weights.
+TEXT_TOWER_DTYPE = torch.float16
 # Fine-tuned encoders are stored in float16 to fit the repository's size budget. The rounding
 # perturbs each task vector by well under 1 % of its norm (measured by the build:
 # storage_rounding in build_report.json); the base stays float32,
@@ -177,7 +183,13 @@ def jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def draw_task(index: int, seed: int, noise: float, task_style: float = TASK_STYLE_IN_PRETRAINING):
+def draw_task(
+    index: int,
+    seed: int,
+    noise: float,
+    task_style: float = TASK_STYLE_IN_PRETRAINING,
+    pretrain_size: int = PRETRAIN_PER_TASK,
+):
     """All images of task ``index``: test, train, fine-tuning, and captioned pretraining images.
 
     Every split has its own seeded generator, so the result does not depend on which worker
@@ -194,7 +206,7 @@ def draw_task(index: int, seed: int, noise: float, task_style: float = TASK_STYL
     train = draw_split(spec, "task", train_size, seed * 1000 + index * 10 + 2, pool("train"))
     tune = draw_split(spec, "task", FINETUNE_SIZE, seed * 1000 + index * 10 + 3, pool("train"))
     web_seed = seed * 1000 + index * 10 + 4
-    web_images, web_labels = draw_split(spec, "web", PRETRAIN_PER_TASK, web_seed, pool("train"), task_style)
+    web_images, web_labels = draw_split(spec, "web", pretrain_size, web_seed, pool("train"), task_style)
     rng = np.random.default_rng(seed * 1000 + index * 10 + 5)
     templates = spec.templates + GENERIC_CAPTIONS
     captions = []
@@ -397,6 +409,28 @@ def storage_rounding(state: dict[str, torch.Tensor], pretrained: dict[str, torch
     return math.sqrt(error / task)
 
 
+def is_text_tower(name: str) -> bool:
+    """Parameters that only serve the text side (every one but the image tower and the logit scale)."""
+    return not name.startswith("visual.") and name != "logit_scale"
+
+
+@torch.no_grad()
+def round_text_tower(model) -> dict[str, torch.Tensor]:
+    """Round the text tower to TEXT_TOWER_DTYPE in place and return the state dict to store.
+
+    Rounding in the model itself means the zero-shot heads computed afterwards are the heads
+    a loader of the stored file computes, bit for bit.
+    """
+    stored = {}
+    for name, value in model.state_dict().items():
+        if is_text_tower(name) and value.is_floating_point():
+            value.copy_(value.to(TEXT_TOWER_DTYPE).float())
+            stored[name] = value.to(TEXT_TOWER_DTYPE).contiguous()
+        else:
+            stored[name] = value.contiguous()
+    return stored
+
+
 # ------------------------------------------------------------------ build
 
 
@@ -409,6 +443,7 @@ def build(
     reuse_base: bool = False,
     width: int = VISION_WIDTH,
     layers: int = VISION_LAYERS,
+    pretrain_size: int = PRETRAIN_PER_TASK,
 ) -> dict:
     """Draw the datasets, pretrain the tiny CLIP, fine-tune one image encoder per task.
 
@@ -422,7 +457,9 @@ def build(
     started = time.time()
     previous = json.loads((out / "build_report.json").read_text()) if reuse_base else None
     with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
-        drawn = pool.starmap(draw_task, [(index, seed, noise) for index in range(len(TASKS))])
+        drawn = pool.starmap(
+            draw_task, [(index, seed, noise, TASK_STYLE_IN_PRETRAINING, pretrain_size) for index in range(len(TASKS))]
+        )
     splits: dict[str, dict[str, tuple]] = {}
     corpus = []
     for spec, (test, train, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
@@ -452,8 +489,9 @@ def build(
             provenance.get("caption_noise"),
             provenance.get("vision_width", 96),
             provenance.get("vision_layers", 4),
+            provenance.get("pretrain_images_per_task", 3000),
         )
-        if previous_recipe != (seed, pretrain_epochs, noise, width, layers):
+        if previous_recipe != (seed, pretrain_epochs, noise, width, layers, pretrain_size):
             raise SystemExit("--reuse-base: the previous build used a different seed or pretraining recipe")
         model.load_state_dict(load_file(str(base / "open_clip_model.safetensors")))
         model.eval()
@@ -461,8 +499,8 @@ def build(
         log("reused the pretrained base of the previous build")
     else:
         pretrain(model, tokenizer, corpus, pretrain_epochs, seed)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "open_clip_model.safetensors"))
         pretrain_seconds = time.time() - drawn_at
+    save_file(round_text_tower(model), str(base / "open_clip_model.safetensors"))
     finetune_started = time.time()
     arch = VisionArch.from_shapes(
         {k: tuple(v.shape) for k, v in model.visual.state_dict().items()},
@@ -478,6 +516,7 @@ def build(
         "recipe": {
             "seed": seed,
             "pretrain_epochs": pretrain_epochs,
+            "pretrain_images_per_task": pretrain_size,
             "vision_width": width,
             "vision_layers": layers,
             "caption_noise": noise,
@@ -487,6 +526,7 @@ def build(
             "train_per_class": TRAIN_PER_CLASS,
             "native_resolution": {spec.name: spec.native for spec in TASKS},
             "checkpoint_dtype": str(CHECKPOINT_DTYPE).removeprefix("torch."),
+            "text_tower_dtype": str(TEXT_TOWER_DTYPE).removeprefix("torch."),
         },
     }
     for index, spec in enumerate(TASKS):
@@ -564,10 +604,21 @@ def main() -> None:
         help="fine-tuning recipe, key=value,... over " + ", ".join(f"{k}={v}" for k, v in FINETUNE_RECIPE.items()),
     )
     parser.add_argument("--caption-noise", type=float, default=0.3)
+    parser.add_argument(
+        "--pretrain-images",
+        type=int,
+        default=PRETRAIN_PER_TASK,
+        help="captioned pretraining images drawn per task",
+    )
     parser.add_argument("--width", type=int, default=VISION_WIDTH, help="image-tower width (a multiple of 16)")
     parser.add_argument("--layers", type=int, default=VISION_LAYERS, help="image-tower blocks")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--report-only", action="store_true", help="only re-measure and rewrite README.md")
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="build only (the report can measure only a benchmark in assets/mini)",
+    )
     parser.add_argument(
         "--reuse-base",
         action="store_true",
@@ -576,8 +627,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from scripts.minibench.report import write_report
+    from scripts.minibench.report import require_shipped_location, write_report
 
+    if not args.no_report:
+        require_shipped_location(args.out)  # before the build's hour, not after it
     if args.report_only:
         report = json.loads((args.out / "build_report.json").read_text())
     else:
@@ -590,8 +643,11 @@ def main() -> None:
             args.reuse_base,
             args.width,
             args.layers,
+            args.pretrain_images,
         )
         (args.out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.no_report:
+        return
     measured = write_report(args.out, report)
     log(f"mini-8: {json.dumps(measured['acc'])}; checks: {json.dumps(measured['checks'])}")
     zs, ft = report["zero_shot"], report["finetuned"]

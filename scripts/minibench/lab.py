@@ -142,6 +142,7 @@ def pretrained_base(
     layers: int = 4,
     embed_dim: int = 64,
     task_style: float = build.TASK_STYLE_IN_PRETRAINING,
+    pretrain_size: int = build.PRETRAIN_PER_TASK,
 ) -> Path:
     """A base pretrained like the build's, but with CLIP's logit scale held at ``logit_scale`` (0: learnt).
 
@@ -156,6 +157,9 @@ def pretrained_base(
         name += f"-embed{embed_dim}"
     if task_style != build.TASK_STYLE_IN_PRETRAINING:
         name += f"-style{task_style:g}"
+    if pretrain_size != build.PRETRAIN_PER_TASK:
+        name += f"-images{pretrain_size}"
+    name += f"-text{str(build.TEXT_TOWER_DTYPE).removeprefix('torch.')}"  # stored as the build stores it
     base = cache / "bases" / name
     if (base / "open_clip_model.safetensors").exists():
         return base
@@ -165,7 +169,9 @@ def pretrained_base(
     from safetensors.torch import save_file
 
     with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
-        drawn = pool.starmap(build.draw_task, [(index, seed, noise, task_style) for index in range(len(TASKS))])
+        drawn = pool.starmap(
+            build.draw_task, [(index, seed, noise, task_style, pretrain_size) for index in range(len(TASKS))]
+        )
     corpus = []
     for spec, (_, _, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
         corpus.append((build.as_tensor(web_images), captions))
@@ -180,7 +186,7 @@ def pretrained_base(
             model.logit_scale.fill_(math.log(logit_scale))
         model.logit_scale.requires_grad_(False)
     build.pretrain(model, tokenizer, corpus, epochs, seed)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "open_clip_model.safetensors"))
+    save_file(build.round_text_tower(model), str(base / "open_clip_model.safetensors"))
     return base
 
 
@@ -418,6 +424,12 @@ def main() -> None:
         help="share of a newly pretrained base's images drawn in the benchmark's own style",
     )
     parser.add_argument(
+        "--pretrain-images",
+        type=int,
+        default=build.PRETRAIN_PER_TASK,
+        help="captioned images per task in a newly pretrained base's corpus",
+    )
+    parser.add_argument(
         "--degrade",
         type=int,
         default=0,
@@ -442,6 +454,7 @@ def main() -> None:
             args.layers,
             args.embed_dim,
             args.task_style,
+            args.pretrain_images,
         )
     degrade = dict.fromkeys(LOW_RESOLUTION, args.degrade) if args.degrade else {}
     bench = Bench(build.MINI_8, base, degrade)

@@ -47,6 +47,7 @@ from merging.methods import METHODS
 from scripts.minibench.statistics import ALL_MATRICES, PUBLISHED, TaskVectorStatistics, task_vector_statistics
 
 ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "assets" / "mini"
 REFERENCE = ROOT / "assets" / "reference" / "reference_results.json"
 ORDER_SEEDS = tuple(range(42, 52))  # the papers' ten orders
 ORDERS_VARIABLE = "MINIBENCH_REPORT_ORDERS"
@@ -283,6 +284,7 @@ def add_methods(out: Path, build: dict, names: Sequence[str], write_to: Path | N
     For a method registered after the last full report: the other methods' numbers do not
     change, so they are kept from ``report.json`` rather than measured again.
     """
+    require_shipped_location(out)
     measured = json.loads((out / "report.json").read_text())
     seeds = tuple(measured["orders"])
     real = real_results()
@@ -384,6 +386,20 @@ def checks(presets: Mapping[str, dict[str, Any]], reference12: Mapping[str, Mapp
 # ---------------------------------------------------------------- the report
 
 
+def require_shipped_location(out: Path) -> None:
+    """Refuse to report on a benchmark outside ``assets/mini``.
+
+    The report measures through the library, and the library loads the ``mini`` backbone and
+    presets from ``assets/mini`` only. A benchmark built anywhere else would get the shipped
+    benchmark's numbers under its own name.
+    """
+    if out.resolve() != SHIPPED.resolve():
+        raise SystemExit(
+            f"the report measures the benchmark the library loads, {SHIPPED}; {out} is elsewhere "
+            "(build there with --no-report, or build into assets/mini)"
+        )
+
+
 def write_report(
     out: Path,
     build: dict,
@@ -396,6 +412,7 @@ def write_report(
     Returns the measurements; ``acc`` (mean ACC per method on the first preset, mini-8 by default)
     and ``checks`` are what the build prints.
     """
+    require_shipped_location(out)
     registry.cache_clear()
     load_backbone.cache_clear()
     seeds = tuple(seeds) if seeds is not None else order_seeds()
@@ -473,7 +490,7 @@ def _recipe_lines(build: dict, config: dict) -> list[str]:
             f'with open_clip\'s `ClipLoss` on captioned images of all twelve concepts drawn in a shifted "web" style '
             f"({100 * recipe['task_style']:.0f}% in the benchmark's own style), with "
             f"{100 * recipe['caption_noise']:.0f}% of the captions naming a wrong class, for "
-            f"{recipe['pretrain_epochs']} epochs.",
+            f"{recipe['pretrain_epochs']} epochs{_corpus(recipe)}{_text_storage(recipe)}.",
             "- `checkpoints/<task>/`: the image encoder fine-tuned on each task in the Hugging Face CLIPVisionModel "
             "layout (config.json + model.safetensors), like `tanganke/clip-vit-*_<task>`: only the image tower "
             f"trains, with the task's zero-shot head and the projection frozen ({_finetuning(recipe)})"
@@ -495,6 +512,20 @@ def _finetuning(recipe: dict) -> str:
     from scripts.minibench.build import describe_recipe
 
     return f"{describe_recipe(recipe['finetune'])}, over {recipe['finetune_images']:,} freshly drawn images"
+
+
+def _corpus(recipe: dict) -> str:
+    images = recipe.get("pretrain_images_per_task")
+    return f" over {images:,} images per concept" if images else ""
+
+
+def _text_storage(recipe: dict) -> str:
+    dtype = recipe.get("text_tower_dtype")
+    return (
+        f"; its text tower is stored in {dtype} and the zero-shot heads come from the stored weights"
+        if dtype and dtype != "float32"
+        else ""
+    )
 
 
 def _storage(build: dict) -> str:
