@@ -200,7 +200,7 @@ def test_the_stored_base_has_a_half_precision_text_tower_whose_heads_are_the_one
 
     model, tokenizer = build.create_model(tmp_path / "base", build.model_config(width=32, layers=1))
     visual_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
-    stored = build.round_text_tower(model)
+    stored = build.round_text_tower(model, torch.float16)
     save_file(stored, str(tmp_path / "base" / "open_clip_model.safetensors"))
 
     assert stored["token_embedding.weight"].dtype == torch.float16
@@ -215,8 +215,12 @@ def test_the_stored_base_has_a_half_precision_text_tower_whose_heads_are_the_one
         build.zeroshot_head(model, tokenizer, TASKS[0]), build.zeroshot_head(loaded, tokenizer, TASKS[0])
     )
     # rounding is idempotent, so rebuilding on a stored base (--reuse-base) stores the same file
-    again = build.round_text_tower(loaded)
+    again = build.round_text_tower(loaded, torch.float16)
     assert all(torch.equal(again[k], v) for k, v in stored.items())
+    # float32 (what ships until the next rebuild) stores the model as it is
+    unrounded = {k: v.clone() for k, v in loaded.state_dict().items()}
+    kept = build.round_text_tower(loaded, torch.float32)
+    assert all(kept[k].dtype == torch.float32 and torch.equal(kept[k], v) for k, v in unrounded.items())
 
 
 def test_the_report_refuses_a_benchmark_the_library_would_not_load(tmp_path):

@@ -159,7 +159,8 @@ def pretrained_base(
         name += f"-style{task_style:g}"
     if pretrain_size != build.PRETRAIN_PER_TASK:
         name += f"-images{pretrain_size}"
-    name += f"-text{str(build.TEXT_TOWER_DTYPE).removeprefix('torch.')}"  # stored as the build stores it
+    if build.TEXT_TOWER_DTYPE is not torch.float32:  # stored as the build stores it
+        name += f"-text{str(build.TEXT_TOWER_DTYPE).removeprefix('torch.')}"
     base = cache / "bases" / name
     if (base / "open_clip_model.safetensors").exists():
         return base
