@@ -229,3 +229,33 @@ def test_the_report_refuses_a_benchmark_the_library_would_not_load(tmp_path):
     require_shipped_location(SHIPPED)
     with pytest.raises(SystemExit, match="--no-report"):
         require_shipped_location(tmp_path)
+
+
+def _write_record(folder, recipe, seconds=123.0):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / build.PRETRAINING_RECORD).write_text(json.dumps({"recipe": recipe, "seconds": seconds}))
+
+
+def test_a_reused_base_must_have_been_pretrained_with_the_recipe_asked_for_naming_what_differs(tmp_path):
+    import json
+
+    wanted = build.pretraining_recipe(0, 60, 0.3, 192, 2, 3000, 0.2)
+    lab_base = tmp_path / "lab-base"
+    _write_record(lab_base, {**wanted, "text_tower_dtype": "float16"}, seconds=2534)
+    assert build.reused_base(tmp_path / "out", lab_base, wanted, torch.float16) == (lab_base, 2534)
+    # a float16 text tower cannot be widened back: a float32 build must pretrain afresh
+    with pytest.raises(SystemExit, match="text tower stored in float16"):
+        build.reused_base(tmp_path / "out", lab_base, wanted, torch.float32)
+    # the task style is part of the recipe: a base drawn with another style does not pass
+    with pytest.raises(SystemExit, match=r"task_style 0.2 \(asked 0.3\)"):
+        build.reused_base(tmp_path / "out", lab_base, {**wanted, "task_style": 0.3}, torch.float16)
+    # the previous build's report: a setting it did not record takes the value builds then used
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {k: v for k, v in wanted.items() if k not in ("task_style", "pretrain_images_per_task")}
+    (out / "build_report.json").write_text(json.dumps({"recipe": old, "seconds": {"pretrain": 99.0}}))
+    assert build.reused_base(out, True, {**wanted, "task_style": 0.3}, torch.float32) == (out / "base", 99.0)
+    with pytest.raises(SystemExit, match=r"task_style 0.3 \(asked 0.2\)"):
+        build.reused_base(out, True, wanted, torch.float16)

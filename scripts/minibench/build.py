@@ -436,6 +436,54 @@ def round_text_tower(model, dtype: torch.dtype = TEXT_TOWER_DTYPE) -> dict[str, 
 
 # ------------------------------------------------------------------ build
 
+PRETRAINING_RECORD = "pretraining.json"  # beside a base the lab pretrained: its recipe and time
+# What a report written before a setting was recorded implies for it.
+UNRECORDED_PRETRAINING = {
+    "vision_width": 96,
+    "vision_layers": 4,
+    "pretrain_images_per_task": 3000,
+    "task_style": 0.3,
+    "text_tower_dtype": "float32",
+}
+
+
+def pretraining_recipe(
+    seed: int, epochs: int, noise: float, width: int, layers: int, images: int, task_style: float
+) -> dict:
+    """Everything that decides a pretrained base's weights, under the build report's names."""
+    return {
+        "seed": seed,
+        "pretrain_epochs": epochs,
+        "caption_noise": noise,
+        "vision_width": width,
+        "vision_layers": layers,
+        "pretrain_images_per_task": images,
+        "task_style": task_style,
+    }
+
+
+def reused_base(out: Path, reuse_base: bool | Path, wanted: Mapping, text_dtype: torch.dtype) -> tuple[Path, float]:
+    """The folder of the base to reuse and the seconds its pretraining took, once its recorded
+    recipe is the one asked for; otherwise stop, naming what differs, since a base from another
+    recipe would silently ship under this recipe's name."""
+    if reuse_base is True:
+        source, report = out / "base", json.loads((out / "build_report.json").read_text())
+        recorded, seconds = report.get("recipe", {}), report["seconds"]["pretrain"]
+    else:
+        source = Path(reuse_base)
+        record = json.loads((source / PRETRAINING_RECORD).read_text())
+        recorded, seconds = record["recipe"], record["seconds"]
+    recorded = {**UNRECORDED_PRETRAINING, **recorded}
+    differing = [
+        f"{key} {recorded.get(key)} (asked {value})" for key, value in wanted.items() if recorded.get(key) != value
+    ]
+    stored = recorded["text_tower_dtype"]
+    if stored != "float32" and stored != str(text_dtype).removeprefix("torch."):
+        differing.append(f"text tower stored in {stored}, which cannot be widened back")
+    if differing:
+        raise SystemExit(f"--reuse-base: the base in {source} was pretrained differently: " + "; ".join(differing))
+    return source, seconds
+
 
 def build(
     out: Path,
@@ -443,7 +491,7 @@ def build(
     pretrain_epochs: int,
     recipe: Mapping[str, object],
     noise: float,
-    reuse_base: bool = False,
+    reuse_base: bool | Path = False,
     width: int = VISION_WIDTH,
     layers: int = VISION_LAYERS,
     pretrain_size: int = PRETRAIN_PER_TASK,
@@ -453,13 +501,17 @@ def build(
 
     ``reuse_base`` loads the base from a previous build with the same seed and recipe instead
     of pretraining again (pretraining is deterministic for the seed, so the result is the
-    same); the report then carries the earlier build's pretraining time.
+    same); the report then carries the earlier build's pretraining time. ``True`` means the
+    previous build in ``out``; a folder means a base the lab pretrained (``pretraining.json``
+    beside its weights records its recipe), so that a base measured in the lab ships without
+    another 40 minutes of pretraining.
     """
     import copy
 
     torch.manual_seed(seed)
     started = time.time()
-    previous = json.loads((out / "build_report.json").read_text()) if reuse_base else None
+    wanted = pretraining_recipe(seed, pretrain_epochs, noise, width, layers, pretrain_size, TASK_STYLE_IN_PRETRAINING)
+    previous = reused_base(out, reuse_base, wanted, text_dtype) if reuse_base else None
     with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
         drawn = pool.starmap(
             draw_task, [(index, seed, noise, TASK_STYLE_IN_PRETRAINING, pretrain_size) for index in range(len(TASKS))]
@@ -486,21 +538,10 @@ def build(
     config = model_config(width, layers)
     model, tokenizer = create_model(base, config)
     if previous is not None:
-        provenance = previous.get("recipe", {})
-        previous_recipe = (
-            provenance.get("seed"),
-            provenance.get("pretrain_epochs"),
-            provenance.get("caption_noise"),
-            provenance.get("vision_width", 96),
-            provenance.get("vision_layers", 4),
-            provenance.get("pretrain_images_per_task", 3000),
-        )
-        if previous_recipe != (seed, pretrain_epochs, noise, width, layers, pretrain_size):
-            raise SystemExit("--reuse-base: the previous build used a different seed or pretraining recipe")
-        model.load_state_dict(load_file(str(base / "open_clip_model.safetensors")))
+        reused_from, pretrain_seconds = previous
+        model.load_state_dict(load_file(str(reused_from / "open_clip_model.safetensors")))
         model.eval()
-        pretrain_seconds = previous["seconds"]["pretrain"]
-        log("reused the pretrained base of the previous build")
+        log(f"reused the pretrained base in {reused_from}")
     else:
         pretrain(model, tokenizer, corpus, pretrain_epochs, seed)
         pretrain_seconds = time.time() - drawn_at
@@ -631,8 +672,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--reuse-base",
-        action="store_true",
-        help="skip pretraining: load the base of the previous build (same seed and pretraining recipe)",
+        nargs="?",
+        const=True,
+        default=False,
+        type=Path,
+        metavar="DIR",
+        help="skip pretraining: load the base of the previous build, or the base the lab pretrained in DIR "
+        "(same seed and pretraining recipe)",
     )
     args = parser.parse_args()
     if args.threads:

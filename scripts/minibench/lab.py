@@ -143,6 +143,7 @@ def pretrained_base(
     embed_dim: int = 64,
     task_style: float = build.TASK_STYLE_IN_PRETRAINING,
     pretrain_size: int = build.PRETRAIN_PER_TASK,
+    text_dtype: torch.dtype = build.TEXT_TOWER_DTYPE,
 ) -> Path:
     """A base pretrained like the build's, but with CLIP's logit scale held at ``logit_scale`` (0: learnt).
 
@@ -159,8 +160,8 @@ def pretrained_base(
         name += f"-style{task_style:g}"
     if pretrain_size != build.PRETRAIN_PER_TASK:
         name += f"-images{pretrain_size}"
-    if build.TEXT_TOWER_DTYPE is not torch.float32:  # stored as the build stores it
-        name += f"-text{str(build.TEXT_TOWER_DTYPE).removeprefix('torch.')}"
+    if text_dtype is not torch.float32:  # stored as the build would store it
+        name += f"-text{str(text_dtype).removeprefix('torch.')}"
     base = cache / "bases" / name
     if (base / "open_clip_model.safetensors").exists():
         return base
@@ -186,8 +187,15 @@ def pretrained_base(
         with torch.no_grad():
             model.logit_scale.fill_(math.log(logit_scale))
         model.logit_scale.requires_grad_(False)
+    started = time.time()
     build.pretrain(model, tokenizer, corpus, epochs, seed)
-    save_file(build.round_text_tower(model), str(base / "open_clip_model.safetensors"))
+    seconds = time.time() - started
+    save_file(build.round_text_tower(model, text_dtype), str(base / "open_clip_model.safetensors"))
+    if not logit_scale and embed_dim == 64:  # pretrained as the build pretrains: it may ship (--reuse-base DIR)
+        recipe = build.pretraining_recipe(seed, epochs, noise, width, layers, pretrain_size, task_style)
+        recipe["text_tower_dtype"] = str(text_dtype).removeprefix("torch.")
+        record = {"recipe": recipe, "seconds": seconds}
+        (base / build.PRETRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return base
 
 
@@ -431,6 +439,12 @@ def main() -> None:
         help="captioned images per task in a newly pretrained base's corpus",
     )
     parser.add_argument(
+        "--text-tower-dtype",
+        choices=sorted(build.TEXT_TOWER_DTYPES),
+        default=str(build.TEXT_TOWER_DTYPE).removeprefix("torch."),
+        help="precision a newly pretrained base's text tower is stored in (as the build's option)",
+    )
+    parser.add_argument(
         "--degrade",
         type=int,
         default=0,
@@ -456,6 +470,7 @@ def main() -> None:
             args.embed_dim,
             args.task_style,
             args.pretrain_images,
+            build.TEXT_TOWER_DTYPES[args.text_tower_dtype],
         )
     degrade = dict.fromkeys(LOW_RESOLUTION, args.degrade) if args.degrade else {}
     bench = Bench(build.MINI_8, base, degrade)
