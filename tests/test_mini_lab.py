@@ -259,3 +259,27 @@ def test_a_reused_base_must_have_been_pretrained_with_the_recipe_asked_for_namin
     assert build.reused_base(out, True, {**wanted, "task_style": 0.3}, torch.float32) == (out / "base", 99.0)
     with pytest.raises(SystemExit, match=r"task_style 0.3 \(asked 0.2\)"):
         build.reused_base(out, True, wanted, torch.float16)
+
+
+def test_parallel_fine_tunes_give_the_weights_of_one_thread_fine_tunes_one_after_another():
+    # the build fine-tunes its tasks in forked one-thread workers: the weights must not depend on how many
+    torch.manual_seed(0)
+    tower = _Tower()
+    names = [build.TASKS[i].name for i in (0, 3, 5)]
+    data = {name: (torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), np.arange(24) % 2) for name in names}
+    heads = {name: torch.nn.functional.normalize(torch.randn(2, 4), dim=-1) for name in names}
+    recipe = parse_recipe("lr=1e-3,schedule=constant,batch=8,steps=6,wd_per_step=0")
+
+    def run(workers: int) -> dict[int, tuple[float, dict]]:
+        done = build.finetune_tasks(tower, heads, 20.0, data, data, recipe, 7, workers)
+        return {index: (acc, state) for index, acc, state in done}
+
+    threads = torch.get_num_threads()
+    alone, side_by_side = run(1), run(2)
+    assert sorted(alone) == sorted(side_by_side) == [0, 3, 5]
+    for index, (acc, state) in alone.items():
+        assert side_by_side[index][0] == acc
+        assert state.keys() == {"body.weight", "body.bias"}  # the projection is not the task's
+        assert all(torch.equal(state[k], side_by_side[index][1][k]) for k in state)
+        assert not torch.equal(state["body.weight"], tower.body.weight)  # each trained a copy, not the tower
+    assert torch.get_num_threads() == threads and build._FINETUNE_JOB == {}  # nothing left behind

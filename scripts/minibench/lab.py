@@ -34,6 +34,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -166,7 +167,6 @@ def pretrained_base(
     if (base / "open_clip_model.safetensors").exists():
         return base
     import multiprocessing
-    import os
 
     from safetensors.torch import save_file
 
@@ -413,6 +413,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/minibench-lab"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(len(build.MINI_8), os.cpu_count() or 1),
+        help="fine-tunes side by side, one thread each (as the build's --finetune-workers)",
+    )
+    parser.add_argument(
         "--pretrain-logit-scale",
         type=float,
         default=None,
@@ -479,28 +485,39 @@ def main() -> None:
     if degrade:
         name = f"{name}+upsampled-from-{args.degrade}"
     models: dict[str, dict[str, Tensor]] = {}
+    missing = []
     for task in bench.tasks:
         if args.shipped:
             models[task] = shipped(task, bench.pretrained)
-            continue
-        path = args.cache / "models" / name / f"{task}.pt"
-        if path.exists():
+        elif (path := args.cache / "models" / name / f"{task}.pt").exists():
             models[task] = torch.load(path, weights_only=True)
-            continue
-        import copy
-
-        index = next(i for i, spec in enumerate(TASKS) if spec.name == task)
-        images, labels = bench.seen(task, *tune_split(task, args.seed, int(recipe["images"]), args.cache))
-        visual = copy.deepcopy(bench.model.visual)
-        torch.manual_seed(args.seed * 1000 + index)
-        build.finetune(visual, bench.heads[task], bench.logit_scale, images, labels, recipe, args.seed + index)
-        # stored as the build stores it (float16), so the bench sees what a build would ship
-        state = {k: v.detach().to(build.CHECKPOINT_DTYPE).float() for k, v in visual.state_dict().items()}
-        state["proj"] = bench.pretrained["proj"].clone()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-        models[task] = state
-        print(f"[{time.strftime('%H:%M:%S')}] fine-tuned {task}", flush=True)
+        else:
+            missing.append(task)
+    if missing:  # the build's own fine-tuning, side by side in one-thread workers as the build runs it
+        tuned = build.finetune_tasks(
+            bench.model.visual,
+            {task: bench.heads[task] for task in missing},
+            bench.logit_scale,
+            {
+                task: bench.seen(task, *tune_split(task, args.seed, int(recipe["images"]), args.cache))
+                for task in missing
+            },
+            {task: bench.tests[task] for task in missing},
+            recipe,
+            args.seed,
+            args.workers,
+        )
+        for index, _, state in tuned:
+            task = TASKS[index].name
+            # stored as the build stores it (float16), so the bench sees what a build would ship
+            state = {k: v.to(build.CHECKPOINT_DTYPE).float() for k, v in state.items()}
+            state["proj"] = bench.pretrained["proj"].clone()
+            path = args.cache / "models" / name / f"{task}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+            models[task] = state
+            print(f"[{time.strftime('%H:%M:%S')}] fine-tuned {task}", flush=True)
+        models = {task: models[task] for task in bench.tasks}
     results = measure(bench, models, orders)
     pre = bench.pretrained
     results["task_norm"] = float(
