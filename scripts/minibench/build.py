@@ -65,10 +65,9 @@ JPEG_QUALITY = 90
 # computes from the stored (rounded) weights, so the fine-tunes train against exactly the heads
 # a loader computes. Most of the base is open_clip's 49,408-row token embedding, fixed by its
 # tokenizer: in float32 the base is 10.2 MB, over the repository's 8 MB per-file rule; in
-# float16 (``--text-tower-dtype float16``) it is 7.0 MB. The default stays what ships until
-# the next rebuild, because the rounding changes the heads and so every fine-tune. The image
+# float16 it is 7.0 MB (``--text-tower-dtype float32`` keeps the full precision). The image
 # tower is always float32, so that task vectors are computed against the exact θ0.
-TEXT_TOWER_DTYPE = torch.float32
+TEXT_TOWER_DTYPE = torch.float16
 TEXT_TOWER_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Fine-tuned encoders are stored in float16 to fit the repository's size budget. The rounding
 # perturbs each task vector by well under 1 % of its norm (measured by the build:
@@ -440,7 +439,7 @@ def finetune_tasks(
 
     Yields ``(index, test accuracy, state)`` as each finishes. Why one thread each: a fine-tune
     of the mini tower (batches of 32 images of 17 tokens) keeps two threads only partly busy,
-    so on two cores two one-thread fine-tunes side by side do 1.3 times the work of one
+    so on two cores two one-thread fine-tunes side by side do 1.55 times the work of one
     two-thread fine-tune after another (``benchmarks/build_finetune.py``). And a fine-tune that
     always runs on one thread gives the same weights whatever the number of workers or cores,
     so the build stays deterministic for its seed on any machine.
