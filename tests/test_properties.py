@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import merging.cli.main
@@ -82,6 +82,8 @@ LINE = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(lines=st.lists(LINE, max_size=6))
+@example(lines=["~\x08"])  # found by CI: Path.expanduser raised RuntimeError for a ~user with no home
+@example(lines=["~nosuchuser-for-tests/x.safetensors=mini-digits"])
 def test_the_checkpoint_list_parser_never_raises(lines):
     text = "\n".join(lines)
     try:
@@ -90,3 +92,11 @@ def test_the_checkpoint_list_parser_never_raises(lines):
         assert "\n" not in str(exc) and str(exc)
     else:
         assert all(spec.source and spec.task for spec in specs)
+
+
+def test_a_home_that_does_not_exist_is_a_missing_checkpoint_not_a_traceback(capsys):
+    argv = ["run", "--method", "task_arithmetic", "--checkpoint", "~nosuchuser-for-tests/x.safetensors=mini-digits"]
+    argv += ["--checkpoint", "assets/mini/checkpoints/mini-colors"]
+    assert merging.cli.main.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "checkpoint not found: ~nosuchuser-for-tests/x.safetensors" in err and "Traceback" not in err

@@ -32,6 +32,7 @@ from merging.errors import MergingError
 from merging.evaluation.tasks import ASSETS
 from merging.families.clip_vit.architecture import VisionArch
 from merging.io.hub import HF_HUB_PREFIX, HubError, fetch, parse_hub_id
+from merging.io.paths import expanded
 
 MINI = "mini"
 LOCAL_DIR = "local-dir:"
@@ -108,7 +109,7 @@ def backbone_directory(name: str) -> Path:
     if name == MINI:
         return ASSETS / "mini" / "base"
     if name.startswith(LOCAL_DIR):
-        return Path(name[len(LOCAL_DIR) :]).expanduser()
+        return expanded(name[len(LOCAL_DIR) :])
     if name.startswith(HF_HUB_PREFIX):
         ref = parse_hub_id(name)
 
@@ -258,8 +259,8 @@ def _load_transformers(name: str, spec: OpenAIBackbone | None) -> Backbone:
         revision = name.split("@", 1)[1] if "@" in name else None
     else:
         repo, _, revision = name[len(TRANSFORMERS_PREFIX) :].partition("@")
-    if Path(repo).expanduser().is_dir():  # a local copy of such a repository
-        folder = Path(repo).expanduser()
+    if expanded(repo).is_dir():  # a local copy of such a repository
+        folder = expanded(repo)
     else:
         ref = parse_hub_id(HF_HUB_PREFIX + repo + (f"@{revision}" if revision else ""))
         folder = fetch(ref, lambda files: choose_model_files(files, source=str(ref)))

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from merging.errors import CheckpointError
+from merging.io.paths import expanded
 
 if TYPE_CHECKING:
     from merging.families import Layout, Model, ModelFamily, Recipe
@@ -52,7 +53,7 @@ class ResolvedSource:
 
 def resolve_source(source: str | Path) -> ResolvedSource:
     """Find the weight files and config of a local checkpoint file or directory."""
-    path = Path(source).expanduser()
+    path = expanded(source)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {source}")
     if path.is_file():

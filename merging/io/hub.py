@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.errors import MergingError
+from merging.io.paths import expanded
 
 HF_HUB_PREFIX = "hf-hub:"
 DEFAULT_SIZE_CAP_GB = 4.0  # ViT-L/14 CLIPModel in float32 is 1.7 GB; a cap catches a wrong id early
@@ -59,7 +60,7 @@ def parse_hub_id(text: str, repo_type: str = "model") -> HubRef | None:
     """
     explicit = text.startswith(HF_HUB_PREFIX)
     body = text[len(HF_HUB_PREFIX) :] if explicit else text
-    if not explicit and Path(text).expanduser().exists():
+    if not explicit and expanded(text).exists():
         return None
     repo, _, revision = body.partition("@")
     if not _REPO_ID.match(repo):

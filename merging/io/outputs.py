@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from merging.errors import MergingError
 from merging.evaluation.tasks import ASSETS
+from merging.io.paths import expanded
 from merging.io.sources import local_checkpoint
 
 T = TypeVar("T")
@@ -40,7 +41,7 @@ def check_outputs(files: Sequence[str | Path], inputs: Iterable[str] = (), flag:
     assets = ASSETS.resolve()
     roots = _input_roots(inputs)
     for file in files:
-        path = Path(file).expanduser()
+        path = expanded(file)
         target = path.resolve()
         if target == assets or target.is_relative_to(assets):
             raise MergingError(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from merging.errors import MergingError
 from merging.evaluation.tasks import ASSETS
+from merging.io.paths import expanded
 
 PROJECT = ASSETS.parent
 UPLOAD_PREFIX = "upload:"
@@ -45,7 +46,7 @@ def check_source_text(text: str) -> str:
         raise MergingError("an empty checkpoint source: give a path, a Hub id ORG/NAME or an upload")
     if source.startswith(UPLOAD_PREFIX) and source[len(UPLOAD_PREFIX) :].strip():
         return source
-    if is_hub_shaped(source) or looks_like_path(source) or Path(source).expanduser().exists():
+    if is_hub_shaped(source) or looks_like_path(source) or expanded(source).exists():
         return source
     raise MergingError(f"not a path or a Hub id: {source!r}")
 
@@ -64,7 +65,7 @@ def locate(source: str) -> str:
     """
     if source.startswith((UPLOAD_PREFIX, HF_HUB_PREFIX)):
         return source
-    path = Path(source).expanduser()
+    path = expanded(source)
     if path.is_absolute():
         return str(path)
     if path.exists():
