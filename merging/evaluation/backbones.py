@@ -259,9 +259,8 @@ def _load_transformers(name: str, spec: OpenAIBackbone | None) -> Backbone:
         revision = name.split("@", 1)[1] if "@" in name else None
     else:
         repo, _, revision = name[len(TRANSFORMERS_PREFIX) :].partition("@")
-    if expanded(repo).is_dir():  # a local copy of such a repository
-        folder = expanded(repo)
-    else:
+    folder = expanded(repo)
+    if not folder.is_dir():  # not a local copy of such a repository: the Hub's
         ref = parse_hub_id(HF_HUB_PREFIX + repo + (f"@{revision}" if revision else ""))
         folder = fetch(ref, lambda files: choose_model_files(files, source=str(ref)))
     hf_config = json.loads((folder / "config.json").read_text())

@@ -620,13 +620,7 @@ def build(
         "storage_rounding": {},
         "seconds": {},
         "recipe": {
-            "seed": seed,
-            "pretrain_epochs": pretrain_epochs,
-            "pretrain_images_per_task": pretrain_size,
-            "vision_width": width,
-            "vision_layers": layers,
-            "caption_noise": noise,
-            "task_style": TASK_STYLE_IN_PRETRAINING,
+            **wanted,  # what decides the base, under the names --reuse-base checks
             "finetune": dict(recipe),
             "finetune_images": FINETUNE_SIZE,
             "train_per_class": TRAIN_PER_CLASS,
@@ -665,9 +659,8 @@ def build(
             f"{spec.name}: zero-shot {report['zero_shot'][spec.name]:.3f}, "
             f"fine-tuned {report['finetuned'][spec.name]:.3f}"
         )
-    report["zero_shot"] = {spec.name: report["zero_shot"][spec.name] for spec in TASKS}
-    report["finetuned"] = {spec.name: report["finetuned"][spec.name] for spec in TASKS}
-    report["storage_rounding"] = {spec.name: report["storage_rounding"][spec.name] for spec in TASKS}
+    for key in ("finetuned", "storage_rounding"):  # in task order, as the workers' finishing order is not
+        report[key] = {spec.name: report[key][spec.name] for spec in TASKS}
     write_registry(out)
     report["seconds"] = {
         "draw": drawn_at - started,
