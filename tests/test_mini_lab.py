@@ -283,3 +283,93 @@ def test_parallel_fine_tunes_give_the_weights_of_one_thread_fine_tunes_one_after
         assert all(torch.equal(state[k], side_by_side[index][1][k]) for k in state)
         assert not torch.equal(state["body.weight"], tower.body.weight)  # each trained a copy, not the tower
     assert torch.get_num_threads() == threads and build._FINETUNE_JOB == {}  # nothing left behind
+
+
+def test_other_concepts_are_distinct_seeded_and_drawn_alike_however_the_workers_share_them():
+    from scripts.minibench.concepts import CAPTIONS, concepts, draw_corpus
+
+    defined = concepts(40, seed=0)
+    names = [c.name for c in defined]
+    assert len(set(names)) == 40 and concepts(40, seed=0) == defined and concepts(40, seed=1) != defined
+    task_classes = {name.lower() for spec in build.TASKS for name in spec.classnames}
+    assert not task_classes & set(names)  # never a task's class
+    alone = draw_corpus(4, 3, seed=0, noise=0.0)
+    halves = [draw_corpus(4, 3, seed=0, noise=0.0, chunk=(k, 2)) for k in range(2)]
+    by_concept = {}
+    for images, captions in halves:
+        for image, caption in zip(images, captions, strict=True):
+            by_concept.setdefault(caption.split()[-1], []).append(np.asarray(image))
+    assert sum(len(v) for v in by_concept.values()) == 12
+    for image, caption in zip(*alone, strict=True):  # without caption noise every caption names its concept
+        assert any(np.array_equal(np.asarray(image), other) for other in by_concept[caption.split()[-1]])
+    assert {caption.split()[-1].rstrip(".") for caption in alone[1]} == set(names[:4])
+    assert all(any(c == t.format(c.split()[-1].rstrip(".")) for t in CAPTIONS) for c in alone[1])
+    # two images of one concept differ: pose, colours and background are drawn anew
+    assert not np.array_equal(np.asarray(alone[0][0]), np.asarray(alone[0][1]))
+    noisy = draw_corpus(4, 3, seed=0, noise=1.0)[1]
+    assert noisy != alone[1]  # every caption names a concept drawn at random
+
+
+def test_the_pretraining_recipe_records_the_other_concepts_and_an_old_record_implies_none(tmp_path):
+    wanted = build.pretraining_recipe(0, 60, 0.3, 192, 2, 3000, 0.3, other_concepts=120, other_images=100)
+    assert wanted["other_concepts"] == 120 and wanted["other_images_per_concept"] == 100
+    assert build.pretraining_recipe(0, 60, 0.3, 192, 2, 3000, 0.3, 0, 100)["other_images_per_concept"] == 0
+    old = {k: v for k, v in wanted.items() if not k.startswith("other")}
+    _write_record(tmp_path / "old", {**old, "text_tower_dtype": "float16"})
+    none = build.pretraining_recipe(0, 60, 0.3, 192, 2, 3000, 0.3)
+    assert build.reused_base(tmp_path, tmp_path / "old", none, torch.float16)[0] == tmp_path / "old"
+    with pytest.raises(SystemExit, match=r"other_concepts 0 \(asked 120\)"):
+        build.reused_base(tmp_path, tmp_path / "old", wanted, torch.float16)
+
+
+class _PredictingBench:
+    """Predicts round(x · w / 0.3) for each task's inputs x, with w the state's one vector."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def predictions(self, state, tasks):
+        return {t: torch.round(self.inputs[t] @ state["w"] / 0.3).numpy() for t in tasks}
+
+
+def test_the_disentanglement_error_is_zero_for_vectors_acting_on_their_own_inputs_only_and_two_when_on_all():
+    from scripts.minibench.lab import disentanglement_error
+
+    pre = {"w": torch.zeros(3)}
+    models = {t: {"w": torch.eye(3)[i]} for i, t in enumerate("abc")}
+    own = {t: torch.eye(3)[i].repeat(5, 1) for i, t in enumerate("abc")}  # task t's inputs see only coordinate t
+    assert disentanglement_error(_PredictingBench(own), pre, models) == 0.0
+    shared = dict.fromkeys("abc", torch.ones(5, 3))  # every vector moves every input: all predictions change
+    assert disentanglement_error(_PredictingBench(shared), pre, models) == 2.0
+
+
+class _LinearTower(nn.Module):
+    def __init__(self, width: int = 6):
+        super().__init__()
+        block = nn.Module()
+        block.mlp = nn.Sequential()
+        block.mlp.add_module("c_fc", nn.Linear(width, width, bias=False))
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList([block])
+
+    def forward(self, x):
+        return self.transformer.resblocks[0].mlp(x)
+
+
+def test_cross_action_is_zero_for_task_matrices_on_disjoint_inputs_and_about_one_for_shared_inputs():
+    from types import SimpleNamespace
+
+    from scripts.minibench.lab import cross_action
+
+    torch.manual_seed(0)
+    tower = _LinearTower()
+    pre = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+    key = BLOCK + "mlp.c_fc.weight"
+    halves = (torch.arange(6) < 3).float(), (torch.arange(6) >= 3).float()
+    # each task's inputs live on its half of the coordinates, and its matrix reads only that half
+    inputs = {t: torch.randn(40, 6) * half for t, half in zip("ab", halves, strict=True)}
+    models = {t: {key: pre[key] + torch.randn(6, 6) * half} for t, half in zip("ab", halves, strict=True)}
+    bench = SimpleNamespace(model=SimpleNamespace(visual=tower), inputs=inputs)
+    assert cross_action(bench, pre, models) == {"mlp.c_fc": 0.0}
+    bench.inputs = {t: torch.randn(400, 6) for t in "ab"}  # inputs of one distribution
+    assert cross_action(bench, pre, models, images=400)["mlp.c_fc"] == pytest.approx(1.0, abs=0.15)

@@ -60,6 +60,10 @@ TRAIN_PER_CLASS = 100
 FINETUNE_SIZE = 10000
 PRETRAIN_PER_TASK = 3000
 TASK_STYLE_IN_PRETRAINING = 0.3  # share of pretraining images drawn in the benchmark's own style
+# Concepts no task asks about, in the pretraining corpus (scripts/minibench/concepts.py), and
+# the captioned images drawn of each.
+OTHER_CONCEPTS = 0
+OTHER_IMAGES_PER_CONCEPT = 100
 JPEG_QUALITY = 90
 # How the base's text tower is stored. It only yields the zero-shot heads, which the build
 # computes from the stored (rounded) weights, so the fine-tunes train against exactly the heads
@@ -506,11 +510,21 @@ UNRECORDED_PRETRAINING = {
     "pretrain_images_per_task": 3000,
     "task_style": 0.3,
     "text_tower_dtype": "float32",
+    "other_concepts": 0,
+    "other_images_per_concept": 0,
 }
 
 
 def pretraining_recipe(
-    seed: int, epochs: int, noise: float, width: int, layers: int, images: int, task_style: float
+    seed: int,
+    epochs: int,
+    noise: float,
+    width: int,
+    layers: int,
+    images: int,
+    task_style: float,
+    other_concepts: int = OTHER_CONCEPTS,
+    other_images: int = OTHER_IMAGES_PER_CONCEPT,
 ) -> dict:
     """Everything that decides a pretrained base's weights, under the build report's names."""
     return {
@@ -521,7 +535,24 @@ def pretraining_recipe(
         "vision_layers": layers,
         "pretrain_images_per_task": images,
         "task_style": task_style,
+        "other_concepts": other_concepts,
+        "other_images_per_concept": other_images if other_concepts else 0,
     }
+
+
+def other_concepts_corpus(
+    pool, count: int, per_concept: int, seed: int, noise: float
+) -> list[tuple[torch.Tensor, list[str]]]:
+    """The pretraining corpus's images of concepts no task asks about, drawn by ``pool``'s workers
+    (the result does not depend on how many: each concept has its own generator)."""
+    if not count:
+        return []
+    from scripts.minibench.concepts import draw_corpus
+
+    shares = max(1, min(count, os.cpu_count() or 1))
+    drawn = pool.starmap(draw_corpus, [(count, per_concept, seed, noise, (k, shares)) for k in range(shares)])
+    log(f"drew {count} other concepts, {per_concept} images each")
+    return [(as_tensor(images), captions) for images, captions in drawn if images]
 
 
 def reused_base(out: Path, reuse_base: bool | Path, wanted: Mapping, text_dtype: torch.dtype) -> tuple[Path, float]:
@@ -559,6 +590,8 @@ def build(
     pretrain_size: int = PRETRAIN_PER_TASK,
     text_dtype: torch.dtype = TEXT_TOWER_DTYPE,
     workers: int = 1,
+    other_concepts: int = OTHER_CONCEPTS,
+    other_images: int = OTHER_IMAGES_PER_CONCEPT,
 ) -> dict:
     """Draw the datasets, pretrain the tiny CLIP, fine-tune one image encoder per task (``workers`` at a time).
 
@@ -571,12 +604,23 @@ def build(
     """
     torch.manual_seed(seed)
     started = time.time()
-    wanted = pretraining_recipe(seed, pretrain_epochs, noise, width, layers, pretrain_size, TASK_STYLE_IN_PRETRAINING)
+    wanted = pretraining_recipe(
+        seed,
+        pretrain_epochs,
+        noise,
+        width,
+        layers,
+        pretrain_size,
+        TASK_STYLE_IN_PRETRAINING,
+        other_concepts,
+        other_images,
+    )
     previous = reused_base(out, reuse_base, wanted, text_dtype) if reuse_base else None
     with multiprocessing.get_context("fork").Pool(min(len(TASKS), os.cpu_count() or 1)) as pool:
         drawn = pool.starmap(
             draw_task, [(index, seed, noise, TASK_STYLE_IN_PRETRAINING, pretrain_size) for index in range(len(TASKS))]
         )
+        others = [] if previous else other_concepts_corpus(pool, other_concepts, other_images, seed, noise)
     splits: dict[str, dict[str, tuple]] = {}
     corpus = []
     for spec, (test, train, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
@@ -590,6 +634,7 @@ def build(
                 split,
             )
         splits[spec.name] = {"test": (as_tensor(test[0]), test[1]), "tune": (as_tensor(tune[0]), tune[1])}
+    corpus += others
     log(f"drew {len(TASKS)} tasks")
     drawn_at = time.time()
 
@@ -719,6 +764,15 @@ def main() -> None:
         help="captioned pretraining images drawn per task",
     )
     parser.add_argument(
+        "--other-concepts",
+        type=int,
+        default=OTHER_CONCEPTS,
+        help="concepts no task asks about, added to the pretraining corpus (scripts/minibench/concepts.py)",
+    )
+    parser.add_argument(
+        "--other-images", type=int, default=OTHER_IMAGES_PER_CONCEPT, help="captioned images drawn per other concept"
+    )
+    parser.add_argument(
         "--text-tower-dtype",
         choices=sorted(TEXT_TOWER_DTYPES),
         default=str(TEXT_TOWER_DTYPE).removeprefix("torch."),
@@ -771,6 +825,8 @@ def main() -> None:
             args.pretrain_images,
             TEXT_TOWER_DTYPES[args.text_tower_dtype],
             args.finetune_workers,
+            args.other_concepts,
+            args.other_images,
         )
         (args.out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.no_report:

@@ -145,6 +145,8 @@ def pretrained_base(
     task_style: float = build.TASK_STYLE_IN_PRETRAINING,
     pretrain_size: int = build.PRETRAIN_PER_TASK,
     text_dtype: torch.dtype = build.TEXT_TOWER_DTYPE,
+    other_concepts: int = build.OTHER_CONCEPTS,
+    other_images: int = build.OTHER_IMAGES_PER_CONCEPT,
 ) -> Path:
     """A base pretrained like the build's, but with CLIP's logit scale held at ``logit_scale`` (0: learnt).
 
@@ -161,6 +163,8 @@ def pretrained_base(
         name += f"-style{task_style:g}"
     if pretrain_size != build.PRETRAIN_PER_TASK:
         name += f"-images{pretrain_size}"
+    if other_concepts:
+        name += f"-other{other_concepts}x{other_images}"
     if text_dtype is not torch.float32:  # stored as the build would store it
         name += f"-text{str(text_dtype).removeprefix('torch.')}"
     base = cache / "bases" / name
@@ -174,6 +178,7 @@ def pretrained_base(
         drawn = pool.starmap(
             build.draw_task, [(index, seed, noise, task_style, pretrain_size) for index in range(len(TASKS))]
         )
+        others = build.other_concepts_corpus(pool, other_concepts, other_images, seed, noise)
     corpus = []
     for spec, (_, _, tune, web_images, captions) in zip(TASKS, drawn, strict=True):
         corpus.append((build.as_tensor(web_images), captions))
@@ -181,6 +186,7 @@ def pretrained_base(
         if not path.exists():
             cache.mkdir(parents=True, exist_ok=True)
             torch.save({"images": build.as_tensor(tune[0]), "labels": torch.from_numpy(tune[1])}, path)
+    corpus += others
     torch.manual_seed(seed)  # as the build seeds before drawing and creating the model
     model, tokenizer = build.create_model(base, build.model_config(width, layers, embed_dim))
     if logit_scale:
@@ -192,7 +198,9 @@ def pretrained_base(
     seconds = time.time() - started
     save_file(build.round_text_tower(model, text_dtype), str(base / "open_clip_model.safetensors"))
     if not logit_scale and embed_dim == 64:  # pretrained as the build pretrains: it may ship (--reuse-base DIR)
-        recipe = build.pretraining_recipe(seed, epochs, noise, width, layers, pretrain_size, task_style)
+        recipe = build.pretraining_recipe(
+            seed, epochs, noise, width, layers, pretrain_size, task_style, other_concepts, other_images
+        )
         recipe["text_tower_dtype"] = str(text_dtype).removeprefix("torch.")
         record = {"recipe": recipe, "seconds": seconds}
         (base / build.PRETRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
@@ -218,14 +226,18 @@ class Bench:
         return (upsampled(images, self.degrade[task]) if task in self.degrade else images), labels
 
     @torch.no_grad()
-    def accuracies(self, state: Mapping[str, Tensor]) -> dict[str, float]:
+    def predictions(self, state: Mapping[str, Tensor], tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The class each test image of ``tasks`` (default: all) is given by the image tower ``state``."""
         self.model.visual.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         out = {}
-        for task in self.tasks:
+        for task in self.tasks if tasks is None else tasks:
             features = F.normalize(self.model.visual(self.inputs[task]), dim=-1)
-            out[task] = float(((features @ self.heads[task].T).argmax(-1).numpy() == self.tests[task][1]).mean())
+            out[task] = (features @ self.heads[task].T).argmax(-1).numpy()
         self.model.visual.load_state_dict(self.pretrained)
         return out
+
+    def accuracies(self, state: Mapping[str, Tensor]) -> dict[str, float]:
+        return {t: float((p == self.tests[t][1]).mean()) for t, p in self.predictions(state).items()}
 
 
 def shipped(task: str, pretrained: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -263,6 +275,79 @@ def spectral_accumulation(pretrained: Mapping[str, Tensor], models: Sequence[Map
         top = [float(torch.linalg.matrix_norm(t, ord=2)) for t in taus]
         total = float(torch.linalg.matrix_norm(sum(taus), ord=2))
         ratios.setdefault(matrix_type(label), []).append(total / math.sqrt(sum(s * s for s in top)))
+    return {k: float(np.mean(v)) for k, v in ratios.items()}
+
+
+DISENTANGLEMENT_SCALE = 0.3  # task arithmetic's coefficient
+
+
+def disentanglement_error(bench: Bench, pretrained: Mapping[str, Tensor], models: Mapping[str, Mapping[str, Tensor]]):
+    """Ortiz-Jiménez et al. (2023, "Task arithmetic in the tangent space", eq. 2): for each pair of
+    tasks, the share of either task's test images whose prediction changes when the other task's
+    vector joins its own, both at task arithmetic's coefficient; the mean over pairs.
+
+    0 when every task vector acts only on its own task's inputs (weight disentanglement, which
+    they find in real CLIP and trace to pretraining); large when a task vector changes what the
+    tower does on every input.
+    """
+    alpha = DISENTANGLEMENT_SCALE
+    taus = {t: {k: m[k] - pretrained[k] for k in pretrained} for t, m in models.items()}
+    alone = {t: bench.predictions({k: pretrained[k] + alpha * taus[t][k] for k in pretrained}, [t])[t] for t in taus}
+    errors = []
+    tasks = list(taus)
+    for a, i in enumerate(tasks):
+        for j in tasks[a + 1 :]:
+            joint = {k: pretrained[k] + alpha * (taus[i][k] + taus[j][k]) for k in pretrained}
+            both = bench.predictions(joint, [i, j])
+            errors.append(float(np.mean(both[i] != alone[i])) + float(np.mean(both[j] != alone[j])))
+    return float(np.mean(errors))
+
+
+@torch.no_grad()
+def cross_action(
+    bench: Bench, pretrained: Mapping[str, Tensor], models: Mapping[str, Mapping[str, Tensor]], images: int = 100
+) -> dict[str, float]:
+    """Per layer type, the mean over task pairs i ≠ j of ‖τ_j X_i‖ / ‖τ_j X_j‖, where X_t is the
+    layer's input on ``images`` test images of task t under the pretrained tower.
+
+    How much task j's change to a matrix acts on another task's inputs, relative to its own
+    (about 1 for random matrices of the same spectra; below 1 when task vectors are localised
+    on their own task's inputs). The second round of docs/mini-realism.md measured 0.82-0.96.
+    """
+    from merging.families.clip_vit.matrices import get_matrix, matrix_labels, matrix_type
+
+    visual = bench.model.visual
+    visual.load_state_dict(dict(pretrained), strict=False)
+    kinds = (torch.nn.Linear, torch.nn.MultiheadAttention)
+    linears = {name: module for name, module in visual.named_modules() if isinstance(module, kinds)}
+    inputs: dict[str, dict[str, Tensor]] = {}
+    for task in models:
+        captured: dict[str, Tensor] = {}
+        hooks = [
+            module.register_forward_pre_hook(
+                lambda _, args, name=name, into=captured: into.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
+            )
+            for name, module in linears.items()
+        ]
+        visual(bench.inputs[task][:images])
+        for hook in hooks:
+            hook.remove()
+        inputs[task] = captured
+    ratios: dict[str, list[float]] = {}
+    tasks = list(models)
+    for label in matrix_labels(pretrained.keys()):
+        # the module whose input the matrix multiplies: the longest module name prefixing it
+        owner = max((name for name in linears if label.startswith(name + ".")), key=len, default=None)
+        if owner is None or owner not in inputs[tasks[0]]:
+            continue  # attn.out: PyTorch's attention applies it inside its kernel, no hook sees its input
+        base = get_matrix(pretrained, label)
+        for j in tasks:
+            tau = get_matrix(models[j], label) - base
+            own = float(torch.linalg.norm(inputs[j][owner] @ tau.T))
+            for i in tasks:
+                if i != j and own > 0:
+                    other = float(torch.linalg.norm(inputs[i][owner] @ tau.T))
+                    ratios.setdefault(matrix_type(label), []).append(other / own)
     return {k: float(np.mean(v)) for k, v in ratios.items()}
 
 
@@ -366,6 +451,8 @@ def measure(bench: Bench, models: dict[str, dict[str, Tensor]], orders: Sequence
     best = max(("task_arithmetic", "weight_average", "magmax"), key=lambda m: results[m]["acc"])
     results["gap"] = {"best_other": best, "points": 100 * (results["opcm"]["acc"] - results[best]["acc"])}
     results["spectral_accumulation"] = spectral_accumulation(pretrained, ordered)
+    results["disentanglement_error"] = disentanglement_error(bench, pretrained, models)
+    results["cross_action"] = cross_action(bench, pretrained, models)
     return results
 
 
@@ -400,6 +487,12 @@ def report(name: str, results: Mapping, seconds: float) -> str:
         "spectral accumulation σ1(Στ)/√Σσ1² (0.35 disjoint, ~1 random, 2.83 shared): "
         + ", ".join(f"{k} {v:.2f}" for k, v in results["spectral_accumulation"].items())
     )
+    if "disentanglement_error" in results:
+        lines.append(
+            f"disentanglement error at λ {DISENTANGLEMENT_SCALE} (0: disentangled): "
+            f"{results['disentanglement_error']:.3f}; cross-action ‖τ_j X_i‖/‖τ_j X_j‖ (~1 random): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in results["cross_action"].items())
+        )
     lines.append(f"norm ‖τ‖ mean {results.get('task_norm', float('nan')):.3f}")
     return "\n".join(lines)
 
@@ -445,6 +538,18 @@ def main() -> None:
         help="captioned images per task in a newly pretrained base's corpus",
     )
     parser.add_argument(
+        "--other-concepts",
+        type=int,
+        default=build.OTHER_CONCEPTS,
+        help="concepts no task asks about in a newly pretrained base's corpus (as the build's option)",
+    )
+    parser.add_argument(
+        "--other-images",
+        type=int,
+        default=build.OTHER_IMAGES_PER_CONCEPT,
+        help="captioned images per other concept",
+    )
+    parser.add_argument(
         "--text-tower-dtype",
         choices=sorted(build.TEXT_TOWER_DTYPES),
         default=str(build.TEXT_TOWER_DTYPE).removeprefix("torch."),
@@ -456,6 +561,11 @@ def main() -> None:
         default=0,
         help="show the low-resolution mirrors (" + ", ".join(LOW_RESOLUTION) + ") captured at this many pixels "
         "and upsampled back, in fine-tuning and test images (0: as shipped)",
+    )
+    parser.add_argument(
+        "--disentanglement-only",
+        action="store_true",
+        help="only measure weight disentanglement on fine-tunes already cached (or shipped), into their results",
     )
     args = parser.parse_args()
     if args.threads:
@@ -477,6 +587,8 @@ def main() -> None:
             args.task_style,
             args.pretrain_images,
             build.TEXT_TOWER_DTYPES[args.text_tower_dtype],
+            args.other_concepts,
+            args.other_images,
         )
     degrade = dict.fromkeys(LOW_RESOLUTION, args.degrade) if args.degrade else {}
     bench = Bench(build.MINI_8, base, degrade)
@@ -493,6 +605,18 @@ def main() -> None:
             models[task] = torch.load(path, weights_only=True)
         else:
             missing.append(task)
+    if args.disentanglement_only:
+        if missing:
+            raise SystemExit(f"--disentanglement-only: no fine-tunes of {', '.join(missing)} cached under {name}")
+        out = args.cache / "results" / f"{name}.json"
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["disentanglement_error"] = disentanglement_error(bench, bench.pretrained, models)
+        results["cross_action"] = cross_action(bench, bench.pretrained, models)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        error, action = results["disentanglement_error"], results["cross_action"]
+        print(f"{name}: disentanglement error {error:.3f}, cross-action", action)
+        return
     if missing:  # the build's own fine-tuning, side by side in one-thread workers as the build runs it
         tuned = build.finetune_tasks(
             bench.model.visual,
