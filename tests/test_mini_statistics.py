@@ -321,3 +321,7 @@ def test_the_report_says_how_large_the_corpus_was_and_how_the_text_tower_is_stor
     recorded = {**older, "pretrain_images_per_task": 6000, "text_tower_dtype": "float16"}
     line = _recipe_lines({**shipped, "recipe": recorded}, config)[0]
     assert "over 6,000 images per concept; its text tower is stored in float16" in line
+    assert "other concepts" not in line
+    others = {**recorded, "other_concepts": 120, "other_images_per_concept": 100}
+    line = _recipe_lines({**shipped, "recipe": others}, config)[0]
+    assert "over 6,000 images per concept, and 100 images of each of 120 other concepts no task asks about" in line

@@ -516,7 +516,14 @@ def _finetuning(recipe: dict) -> str:
 
 def _corpus(recipe: dict) -> str:
     images = recipe.get("pretrain_images_per_task")
-    return f" over {images:,} images per concept" if images else ""
+    others = recipe.get("other_concepts")
+    corpus = f" over {images:,} images per concept" if images else ""
+    if others:
+        corpus += (
+            f", and {recipe['other_images_per_concept']:,} images of each of {others} other concepts no task asks "
+            "about (`scripts/minibench/concepts.py`)"
+        )
+    return corpus
 
 
 def _text_storage(recipe: dict) -> str:
