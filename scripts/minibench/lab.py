@@ -22,7 +22,11 @@ memory, and prints beside the goals of issue 13:
 - OPCM's scale alone (Σ τ_t rescaled to the mean task-vector norm, as OPCM rescales, with
   nothing projected away), so that OPCM minus it is what the projection contributes;
 - Iso-C (Marczak et al. 2025), the sum with every matrix's spectrum flattened: how much of the
-  interference lies in the over-accumulated leading directions of the sum at all.
+  interference lies in the over-accumulated leading directions of the sum at all;
+- weight disentanglement (Ortiz-Jiménez et al. 2023): the disentanglement error at task
+  arithmetic's coefficient, and per layer type how much a task's matrix acts on the other
+  tasks' inputs relative to its own (``--disentanglement-only`` measures just these on
+  fine-tunes already cached).
 
 ``--shipped`` measures the shipped checkpoints instead of fine-tuning (the bench's baseline).
 Results go to ``--out`` as JSON, one file per recipe, so that recipes can be compared later.
