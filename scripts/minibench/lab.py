@@ -285,7 +285,9 @@ def spectral_accumulation(pretrained: Mapping[str, Tensor], models: Sequence[Map
 DISENTANGLEMENT_SCALE = 0.3  # task arithmetic's coefficient
 
 
-def disentanglement_error(bench: Bench, pretrained: Mapping[str, Tensor], models: Mapping[str, Mapping[str, Tensor]]):
+def disentanglement_error(
+    bench: Bench, pretrained: Mapping[str, Tensor], models: Mapping[str, Mapping[str, Tensor]]
+) -> float:
     """Ortiz-Jiménez et al. (2023, "Task arithmetic in the tangent space", eq. 2): for each pair of
     tasks, the share of either task's test images whose prediction changes when the other task's
     vector joins its own, both at task arithmetic's coefficient; the mean over pairs.
@@ -353,6 +355,14 @@ def cross_action(
                     other = float(torch.linalg.norm(inputs[i][owner] @ tau.T))
                     ratios.setdefault(matrix_type(label), []).append(other / own)
     return {k: float(np.mean(v)) for k, v in ratios.items()}
+
+
+def disentanglement(bench: Bench, models: Mapping[str, Mapping[str, Tensor]]) -> dict:
+    """Both measures of weight disentanglement, under the keys the results files use."""
+    return {
+        "disentanglement_error": disentanglement_error(bench, bench.pretrained, models),
+        "cross_action": cross_action(bench, bench.pretrained, models),
+    }
 
 
 def scale_only(bench: Bench, pretrained: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], normalised):
@@ -455,8 +465,7 @@ def measure(bench: Bench, models: dict[str, dict[str, Tensor]], orders: Sequence
     best = max(("task_arithmetic", "weight_average", "magmax"), key=lambda m: results[m]["acc"])
     results["gap"] = {"best_other": best, "points": 100 * (results["opcm"]["acc"] - results[best]["acc"])}
     results["spectral_accumulation"] = spectral_accumulation(pretrained, ordered)
-    results["disentanglement_error"] = disentanglement_error(bench, pretrained, models)
-    results["cross_action"] = cross_action(bench, pretrained, models)
+    results.update(disentanglement(bench, models))
     return results
 
 
@@ -547,12 +556,7 @@ def main() -> None:
         default=build.OTHER_CONCEPTS,
         help="concepts no task asks about in a newly pretrained base's corpus (as the build's option)",
     )
-    parser.add_argument(
-        "--other-images",
-        type=int,
-        default=build.OTHER_IMAGES_PER_CONCEPT,
-        help="captioned images per other concept",
-    )
+    parser.add_argument("--other-images", type=int, default=build.OTHER_IMAGES_PER_CONCEPT, help="images per concept")
     parser.add_argument(
         "--text-tower-dtype",
         choices=sorted(build.TEXT_TOWER_DTYPES),
@@ -613,9 +617,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"--disentanglement-only: no fine-tunes of {', '.join(missing)} cached under {name}")
         out = args.cache / "results" / f"{name}.json"
-        results = json.loads(out.read_text()) if out.exists() else {}
-        results["disentanglement_error"] = disentanglement_error(bench, bench.pretrained, models)
-        results["cross_action"] = cross_action(bench, bench.pretrained, models)
+        results = {**(json.loads(out.read_text()) if out.exists() else {}), **disentanglement(bench, models)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
         error, action = results["disentanglement_error"], results["cross_action"]
